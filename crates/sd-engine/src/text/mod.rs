@@ -1,0 +1,5 @@
+//! Prompt text → conditioning.
+pub mod conditioning;
+pub mod embedding;
+pub mod prompt;
+pub mod tokenizer;

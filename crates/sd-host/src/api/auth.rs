@@ -1,0 +1,159 @@
+//! API-key authentication (SPEC §3) and the content-type guard against cross-site simple requests.
+
+use axum::extract::{Request, State};
+use axum::http::{header, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::images::share::ShareCheck;
+use crate::state::AppState;
+
+/// Paths that never need a key.
+const PUBLIC_PATHS: &[&str] = &["/health", "/api/health", "/api/v1/health"];
+
+pub fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Compares digests so the comparison time depends neither on the key's content nor on its length.
+fn key_matches(state: &AppState, presented: &str) -> bool {
+    let d = digest(presented.as_bytes());
+    let mut any = 0u8;
+    for k in state.key_digests.iter() {
+        any |= k.ct_eq(&d).unwrap_u8();
+    }
+    any == 1
+}
+
+fn presented_key<'a>(state: &AppState, req: &'a Request) -> Option<&'a str> {
+    let h = req.headers();
+    if let Some(v) = h
+        .get(state.config.api.key_header.as_str())
+        .and_then(|v| v.to_str().ok())
+    {
+        return Some(v.trim());
+    }
+    h.get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+}
+
+/// A GET of one image carrying `?expires=&token=`: a share link, checked here. `None` = not a share link.
+fn share_link(state: &AppState, req: &Request) -> Option<ShareCheck> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return None;
+    }
+    let rest = req.uri().path().strip_prefix("/api/v1/images/")?;
+    let hash = rest.strip_suffix("/thumbnail").unwrap_or(rest);
+    let query = req.uri().query()?;
+    let mut token = None;
+    let mut expires = None;
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("token", v)) => token = Some(v),
+            Some(("expires", v)) => expires = v.parse::<i64>().ok(),
+            _ => {}
+        }
+    }
+    let token = token?;
+    let Some(expires) = expires else {
+        return Some(ShareCheck::Invalid);
+    };
+    if !crate::api::extract::is_sha256_hex(hash) {
+        return Some(ShareCheck::Invalid);
+    }
+    Some(
+        state
+            .share
+            .verify(hash, expires, token, chrono::Utc::now().timestamp()),
+    )
+}
+
+pub async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if state.key_digests.is_empty() || PUBLIC_PATHS.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
+    if req.method() == Method::OPTIONS {
+        // CORS preflight carries no credentials; the CORS layer answers it.
+        return next.run(req).await;
+    }
+    if let Some(key) = presented_key(&state, &req) {
+        if key_matches(&state, key) {
+            return next.run(req).await;
+        }
+        return ApiError::Unauthorized("invalid API key".into()).into_response();
+    }
+    match share_link(&state, &req) {
+        Some(ShareCheck::Valid) => next.run(req).await,
+        Some(ShareCheck::Expired) => ApiError::Forbidden("share link expired".into()).into_response(),
+        Some(ShareCheck::Invalid) => ApiError::Forbidden("invalid share link".into()).into_response(),
+        None => ApiError::Unauthorized(format!(
+            "missing API key: send it in the {} header or as Authorization: Bearer",
+            state.config.api.key_header
+        ))
+        .into_response(),
+    }
+}
+
+/// State-changing requests must not carry the content types a cross-site form or `fetch` can send
+/// without a CORS preflight.
+pub async fn reject_simple_content_types(req: Request, next: Next) -> Response {
+    let changes_state = matches!(
+        *req.method(),
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    );
+    if changes_state {
+        if let Some(ct) = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+        {
+            let mime = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            if matches!(
+                mime.as_str(),
+                "text/plain" | "application/x-www-form-urlencoded" | "multipart/form-data"
+            ) {
+                return ApiError::UnsupportedMediaType(format!(
+                    "Content-Type {mime} is not accepted; send application/json"
+                ))
+                .into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+/// Rejects a declared body over the limit before reading it (the extractors enforce it while reading).
+pub async fn body_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > state.config.limits.max_body_bytes as u64) {
+        return ApiError::PayloadTooLarge(format!(
+            "request body exceeds {} bytes",
+            state.config.limits.max_body_bytes
+        ))
+        .into_response();
+    }
+    next.run(req).await
+}
+
+pub async fn count_responses(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    state.metrics.record_http(resp.status().as_u16());
+    resp
+}

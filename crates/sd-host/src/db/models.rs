@@ -1,0 +1,208 @@
+//! Model library records: every file identified by the SHA-256 of its bytes.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::sqlite::SqliteRepo;
+use super::{now_ms, DbResult};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct ModelRecord {
+    pub sha256: String,
+    /// A1111's short hash: the first 10 hex characters.
+    pub short_hash: String,
+    pub name: String,
+    pub filename: String,
+    /// Absolute path of the file on disk (not exposed to clients).
+    #[serde(skip_serializing)]
+    pub path: Option<String>,
+    /// checkpoint | lora | lycoris | vae | embedding | unknown
+    #[serde(rename = "type")]
+    pub model_type: String,
+    /// sd1 | sd2 | sdxl | flux | chroma | zimage | unknown
+    pub family: String,
+    pub size_bytes: i64,
+    #[serde(skip_serializing)]
+    pub mtime_ms: Option<i64>,
+    /// ready | downloading | verifying | failed
+    pub status: String,
+    /// `{"civitai": {model_id, version_id, air, base_model, trained_words, ...}}`
+    #[schema(value_type = Object)]
+    pub source: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl ModelRecord {
+    pub fn new(sha256: &str, filename: &str, model_type: &str, family: &str, status: &str) -> Self {
+        let now = now_ms();
+        let name = std::path::Path::new(filename)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or(filename)
+            .to_string();
+        Self {
+            sha256: sha256.to_string(),
+            short_hash: sha256.chars().take(10).collect(),
+            name,
+            filename: filename.to_string(),
+            path: None,
+            model_type: model_type.to_string(),
+            family: family.to_string(),
+            size_bytes: 0,
+            mtime_ms: None,
+            status: status.to_string(),
+            source: None,
+            error: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ModelFilter {
+    pub model_type: Option<String>,
+    pub family: Option<String>,
+    /// Substring of name or filename (case-insensitive).
+    pub q: Option<String>,
+}
+
+#[async_trait]
+pub trait ModelRepo: Send + Sync {
+    /// Insert or replace the whole record (keyed by sha256).
+    async fn upsert_model(&self, m: &ModelRecord) -> DbResult<()>;
+    async fn get_model(&self, sha256: &str) -> DbResult<Option<ModelRecord>>;
+    async fn list_models(&self, f: &ModelFilter) -> DbResult<Vec<ModelRecord>>;
+    async fn delete_model(&self, sha256: &str) -> DbResult<bool>;
+}
+
+type Row = (
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    String,
+    i64,
+    Option<i64>,
+    String,
+    Option<String>,
+    Option<String>,
+    i64,
+    i64,
+);
+
+const COLS: &str = "sha256, short_hash, name, filename, path, model_type, family, size_bytes, mtime_ms, status, source, error, created_at, updated_at";
+
+fn from_row(r: Row) -> ModelRecord {
+    ModelRecord {
+        sha256: r.0,
+        short_hash: r.1,
+        name: r.2,
+        filename: r.3,
+        path: r.4,
+        model_type: r.5,
+        family: r.6,
+        size_bytes: r.7,
+        mtime_ms: r.8,
+        status: r.9,
+        source: r.10.and_then(|s| serde_json::from_str(&s).ok()),
+        error: r.11,
+        created_at: r.12,
+        updated_at: r.13,
+    }
+}
+
+#[async_trait]
+impl ModelRepo for SqliteRepo {
+    async fn upsert_model(&self, m: &ModelRecord) -> DbResult<()> {
+        sqlx::query(&format!(
+            "INSERT INTO models ({COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) \
+             ON CONFLICT (sha256) DO UPDATE SET short_hash=excluded.short_hash, name=excluded.name, \
+             filename=excluded.filename, path=excluded.path, model_type=excluded.model_type, \
+             family=excluded.family, size_bytes=excluded.size_bytes, mtime_ms=excluded.mtime_ms, \
+             status=excluded.status, source=excluded.source, error=excluded.error, updated_at=excluded.updated_at"
+        ))
+        .bind(&m.sha256)
+        .bind(&m.short_hash)
+        .bind(&m.name)
+        .bind(&m.filename)
+        .bind(&m.path)
+        .bind(&m.model_type)
+        .bind(&m.family)
+        .bind(m.size_bytes)
+        .bind(m.mtime_ms)
+        .bind(&m.status)
+        .bind(m.source.as_ref().map(|v| v.to_string()))
+        .bind(&m.error)
+        .bind(m.created_at)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_model(&self, sha256: &str) -> DbResult<Option<ModelRecord>> {
+        let row: Option<Row> = sqlx::query_as(&format!("SELECT {COLS} FROM models WHERE sha256 = ?"))
+            .bind(sha256)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(from_row))
+    }
+
+    async fn list_models(&self, f: &ModelFilter) -> DbResult<Vec<ModelRecord>> {
+        let like = f.q.as_ref().map(|q| format!("%{}%", q.to_lowercase()));
+        let rows: Vec<Row> = sqlx::query_as(&format!(
+            "SELECT {COLS} FROM models WHERE (? IS NULL OR model_type = ?) AND (? IS NULL OR family = ?) \
+             AND (? IS NULL OR lower(name) LIKE ? OR lower(filename) LIKE ?) ORDER BY created_at DESC, sha256"
+        ))
+        .bind(&f.model_type)
+        .bind(&f.model_type)
+        .bind(&f.family)
+        .bind(&f.family)
+        .bind(&like)
+        .bind(&like)
+        .bind(&like)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(from_row).collect())
+    }
+
+    async fn delete_model(&self, sha256: &str) -> DbResult<bool> {
+        let r = sqlx::query("DELETE FROM models WHERE sha256 = ?")
+            .bind(sha256)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn upsert_get_list_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = SqliteRepo::connect(&format!("sqlite://{}", dir.path().join("m.db").display()))
+            .await
+            .unwrap();
+        let sha = "ab".repeat(32);
+        let mut m = ModelRecord::new(&sha, "Dream Shaper.safetensors", "checkpoint", "sd1", "ready");
+        m.source = Some(serde_json::json!({"civitai": {"version_id": 5}}));
+        repo.upsert_model(&m).await.unwrap();
+        let got = repo.get_model(&sha).await.unwrap().unwrap();
+        assert_eq!(got.short_hash, "abababababa"[..10].to_string());
+        assert_eq!(got.name, "Dream Shaper");
+        assert_eq!(got.source, m.source);
+        let f = ModelFilter { q: Some("dream".into()), ..Default::default() };
+        assert_eq!(repo.list_models(&f).await.unwrap().len(), 1);
+        let f = ModelFilter { model_type: Some("lora".into()), ..Default::default() };
+        assert!(repo.list_models(&f).await.unwrap().is_empty());
+        assert!(repo.delete_model(&sha).await.unwrap());
+        assert!(repo.get_model(&sha).await.unwrap().is_none());
+    }
+}

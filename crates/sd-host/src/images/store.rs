@@ -1,0 +1,99 @@
+//! Storing generated images: encode → blob (durable) → database row → gallery event.
+
+use bytes::Bytes;
+
+use crate::db::images::ImageRecord;
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+
+/// A finished image from the engine with what produced it.
+pub struct GeneratedImage {
+    pub rgb: sd_engine::RgbImage,
+    /// png | jpeg | webp
+    pub format: String,
+    pub task_id: Option<String>,
+    /// Checkpoint sha256.
+    pub model: Option<String>,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: i64,
+    pub steps: i64,
+    pub guidance_scale: f64,
+    pub scheduler: String,
+    /// Full parameters, stored with the row and in the file's metadata.
+    pub params: serde_json::Value,
+    /// Caller-supplied attributes (`metadata` on a task).
+    pub attributes: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Encodes and stores one image; returns its record. The row is written only after the blob is durable.
+pub async fn store_generated(state: &AppState, img: GeneratedImage) -> ApiResult<ImageRecord> {
+    let (w, h) = (img.rgb.width, img.rgb.height);
+    let encoded = encode(&img)?;
+    let bytes_len = encoded.len() as i64;
+    let hash = state
+        .blobs
+        .put(Bytes::from(encoded))
+        .await
+        .map_err(ApiError::internal)?;
+    let record = ImageRecord {
+        hash,
+        format: normalise_format(&img.format).to_string(),
+        width: w as i64,
+        height: h as i64,
+        bytes: bytes_len,
+        created_at: crate::db::now_ms(),
+        task_id: img.task_id.clone(),
+        model: img.model.clone(),
+        prompt: Some(img.prompt.clone()),
+        negative_prompt: Some(img.negative_prompt.clone()),
+        seed: Some(img.seed),
+        steps: Some(img.steps),
+        guidance_scale: Some(img.guidance_scale),
+        scheduler: Some(img.scheduler.clone()),
+        params: Some(img.params.clone()),
+    };
+    state.repo.insert_image(&record, &img.attributes).await?;
+    state
+        .metrics
+        .images_stored
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(record)
+}
+
+pub fn normalise_format(f: &str) -> &'static str {
+    match f.to_ascii_lowercase().as_str() {
+        "jpg" | "jpeg" => "jpeg",
+        "webp" => "webp",
+        _ => "png",
+    }
+}
+
+/// Plain encoding; the images issue adds A1111 infotext and the `sd-host` JSON chunk.
+fn encode(img: &GeneratedImage) -> ApiResult<Vec<u8>> {
+    use image::ImageEncoder;
+    let mut out = Vec::new();
+    let (w, h) = (img.rgb.width, img.rgb.height);
+    let res = match normalise_format(&img.format) {
+        "jpeg" => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 92).write_image(
+            &img.rgb.data,
+            w,
+            h,
+            image::ExtendedColorType::Rgb8,
+        ),
+        "webp" => image::codecs::webp::WebPEncoder::new_lossless(&mut out).write_image(
+            &img.rgb.data,
+            w,
+            h,
+            image::ExtendedColorType::Rgb8,
+        ),
+        _ => image::codecs::png::PngEncoder::new(&mut out).write_image(
+            &img.rgb.data,
+            w,
+            h,
+            image::ExtendedColorType::Rgb8,
+        ),
+    };
+    res.map_err(ApiError::internal)?;
+    Ok(out)
+}

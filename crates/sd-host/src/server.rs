@@ -1,0 +1,97 @@
+//! Starting and stopping the HTTP server.
+
+use std::net::SocketAddr;
+
+use anyhow::{bail, Context};
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::state::AppState;
+
+/// A server running in the background (used by `serve` and by the integration tests).
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    join: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningServer {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Graceful stop: in-flight requests finish, then the task ends.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.join.await??;
+        Ok(())
+    }
+}
+
+/// Refuses an open, keyless server unless explicitly asked for one.
+pub fn check_exposure(config: &Config, insecure_no_auth: bool) -> anyhow::Result<()> {
+    if config.api.keys.is_empty() && !config.is_loopback_host() && !insecure_no_auth {
+        bail!(
+            "refusing to listen on non-loopback address {} without API keys; set api.keys (or --api-key), or pass --insecure-no-auth",
+            config.server.host
+        );
+    }
+    Ok(())
+}
+
+/// Binds `config.server.host:port` (port 0 = any) and serves until `stop` or the returned future ends.
+pub async fn start(config: Config, insecure_no_auth: bool) -> anyhow::Result<RunningServer> {
+    check_exposure(&config, insecure_no_auth)?;
+    let bind = format!("{}:{}", config.server.host, config.server.port);
+    let listener = TcpListener::bind(&bind)
+        .await
+        .with_context(|| format!("binding {bind}"))?;
+    let addr = listener.local_addr()?;
+    let state = AppState::build(config).await?;
+    let app = crate::api::router(state.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let join = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .await
+    });
+    tracing::info!(%addr, "sd-host listening");
+    Ok(RunningServer {
+        addr,
+        state,
+        shutdown: Some(tx),
+        join,
+    })
+}
+
+/// `sd-host serve`: run until SIGINT/SIGTERM, then shut down gracefully.
+pub async fn serve(config: Config, insecure_no_auth: bool) -> anyhow::Result<()> {
+    let server = start(config, insecure_no_auth).await?;
+    println!("sd-host listening on http://{}", server.addr);
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    server.stop().await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,54 @@
+//! Shared application state handed to every handler.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::Config;
+use crate::db::DynRepo;
+use crate::images::share::ShareSigner;
+use crate::metrics::Metrics;
+use crate::storage::BlobStore;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub repo: DynRepo,
+    pub blobs: BlobStore,
+    pub metrics: Arc<Metrics>,
+    pub share: ShareSigner,
+    pub started: Instant,
+    /// Set by the engine worker while a checkpoint is resident (for `/health`).
+    pub model_loaded: Arc<AtomicBool>,
+    /// Hashes of the configured API keys, compared in constant time.
+    pub key_digests: Arc<Vec<[u8; 32]>>,
+}
+
+impl AppState {
+    pub async fn build(config: Config) -> anyhow::Result<AppState> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        std::fs::create_dir_all(config.models_dir())?;
+        let repo = crate::db::connect(&config.database_url()).await?;
+        let blobs = BlobStore::local(&config.images_dir())?;
+        let share = match &config.images.share_secret {
+            Some(s) => ShareSigner::new(s.expose().as_bytes().to_vec()),
+            None => ShareSigner::load_or_create(&config.data_dir.join("share.key"))?,
+        };
+        let key_digests = config
+            .api
+            .keys
+            .iter()
+            .map(|k| crate::api::auth::digest(k.expose().as_bytes()))
+            .collect();
+        Ok(AppState {
+            config: Arc::new(config),
+            repo,
+            blobs,
+            metrics: Arc::new(Metrics::default()),
+            share,
+            started: Instant::now(),
+            model_loaded: Arc::new(AtomicBool::new(false)),
+            key_digests: Arc::new(key_digests),
+        })
+    }
+}

@@ -1,0 +1,260 @@
+//! Foundation: health, auth, config redaction, OpenAPI/docs, error shapes (issue 2).
+
+mod common;
+
+use common::TestServer;
+use serde_json::json;
+
+/// Every route the API must document; each resource adds its own.
+const EXPECTED_PATHS: &[&str] = &[
+    "/health",
+    "/api/health",
+    "/api/v1/health",
+    "/api/v1/version",
+    "/api/v1/config",
+    "/metrics",
+    "/api/v1/tasks",
+];
+
+const KEY: &str = "test-key-0123456789";
+
+async fn keyed() -> TestServer {
+    TestServer::start_with(|c| {
+        c.api.keys = vec![sd_host::config::Secret(KEY.into())];
+        c.civitai.token = Some(sd_host::config::Secret("civitai-secret-token".into()));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn health_needs_no_key_on_all_three_paths() {
+    let s = keyed().await;
+    for p in ["/health", "/api/health", "/api/v1/health"] {
+        let (status, body) = s.get_json(p).await;
+        assert_eq!(status, 200, "{p}");
+        assert_eq!(body, json!({"status": "ok", "model_loaded": false}), "{p}");
+    }
+}
+
+#[tokio::test]
+async fn api_key_required_and_accepted_in_header_or_bearer() {
+    let s = keyed().await;
+    let (status, body) = s.get_json("/api/v1/version").await;
+    assert_eq!(status, 401);
+    assert!(body["detail"].is_string());
+    let wrong = s
+        .client
+        .get(s.url("/api/v1/version"))
+        .header("X-API-Key", "nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let wrong_bearer = s
+        .client
+        .get(s.url("/api/v1/version"))
+        .bearer_auth(format!("{KEY}x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_bearer.status(), 401);
+    let ok = s
+        .client
+        .get(s.url("/api/v1/version"))
+        .header("X-API-Key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let v: serde_json::Value = ok.json().await.unwrap();
+    assert_eq!(v["name"], "sd-host");
+    assert_eq!(v["api_version"], "v1");
+    let bearer = s
+        .client
+        .get(s.url("/api/v1/version"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bearer.status(), 200);
+    // metrics and docs are behind the key too
+    assert_eq!(s.get("/metrics").await.status(), 401);
+}
+
+#[tokio::test]
+async fn custom_key_header_is_honoured() {
+    let s = TestServer::start_with(|c| {
+        c.api.keys = vec![sd_host::config::Secret(KEY.into())];
+        c.api.key_header = "X-Token".into();
+    })
+    .await;
+    let r = s
+        .client
+        .get(s.url("/api/v1/config"))
+        .header("X-Token", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = s
+        .client
+        .get(s.url("/api/v1/config"))
+        .header("X-API-Key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+#[tokio::test]
+async fn config_hides_secrets() {
+    let s = keyed().await;
+    let r = s
+        .client
+        .get(s.url("/api/v1/config"))
+        .header("X-API-Key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(!text.contains(KEY), "api key leaked: {text}");
+    assert!(!text.contains("civitai-secret-token"), "token leaked");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["api"]["key_header"], "X-API-Key");
+    assert_eq!(v["limits"]["max_steps"], 150);
+}
+
+#[tokio::test]
+async fn refuses_public_bind_without_keys() {
+    let mut cfg = sd_host::config::Config::default();
+    cfg.server.host = "0.0.0.0".into();
+    assert!(sd_host::server::check_exposure(&cfg, false).is_err());
+    assert!(sd_host::server::check_exposure(&cfg, true).is_ok());
+    cfg.api.keys = vec![sd_host::config::Secret("k".into())];
+    assert!(sd_host::server::check_exposure(&cfg, false).is_ok());
+}
+
+#[tokio::test]
+async fn openapi_lists_routes_and_docs_are_offline() {
+    let s = TestServer::start().await;
+    let (status, doc) = s.get_json("/openapi.json").await;
+    assert_eq!(status, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    let paths = doc["paths"].as_object().unwrap();
+    for p in EXPECTED_PATHS {
+        assert!(paths.contains_key(p), "openapi.json lacks {p}");
+    }
+    for page in ["/docs", "/redoc"] {
+        let r = s.get(page).await;
+        assert_eq!(r.status(), 200);
+        let html = r.text().await.unwrap();
+        assert!(!html.contains("http://") && !html.contains("https://") && !html.contains("//cdn"),
+            "{page} references an external URL: {html}");
+        // every script and stylesheet it loads is served by us
+        for src in html.split(['"', '\'']).filter(|t| t.starts_with("/docs/assets/") || t.starts_with("/redoc/assets/")) {
+            let a = s.get(src).await;
+            assert_eq!(a.status(), 200, "{src}");
+            assert!(a.bytes().await.unwrap().len() > 1000, "{src} is too small");
+        }
+    }
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text() {
+    let s = TestServer::start().await;
+    s.get("/api/v1/version").await;
+    let r = s.get("/metrics").await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let text = r.text().await.unwrap();
+    assert!(text.contains("# TYPE sdhost_queue_depth gauge"));
+    assert!(text.contains("sdhost_http_requests_total{class=\"2xx\"}"));
+}
+
+#[tokio::test]
+async fn error_shapes_404_413_415_422() {
+    let s = TestServer::start_with(|c| c.limits.max_body_bytes = 1024).await;
+    let (status, body) = s.get_json("/no/such/route").await;
+    assert_eq!(status, 404);
+    assert_eq!(body, json!({"detail": "Not Found"}));
+
+    // 415: text/plain and form bodies on a state-changing route
+    for ct in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"] {
+        let r = s
+            .client
+            .post(s.url("/api/v1/tasks"))
+            .header("content-type", ct)
+            .body("prompt=x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 415, "{ct}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert!(v["detail"].is_string());
+    }
+    // 413: body over limits.max_body_bytes
+    let big = json!({"prompt": "x".repeat(4096)});
+    let (status, body) = s.post_json("/api/v1/tasks", &big).await;
+    assert_eq!(status, 413);
+    assert!(body["detail"].is_string());
+    // 422: malformed JSON and wrong types carry loc/msg/type
+    let r = s
+        .client
+        .post(s.url("/api/v1/tasks"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["detail"][0]["loc"][0], "body");
+    assert!(v["detail"][0]["msg"].is_string());
+    assert!(v["detail"][0]["type"].is_string());
+    let (status, body) = s.post_json("/api/v1/tasks", &json!({"prompt": 5})).await;
+    assert_eq!(status, 422);
+    assert_eq!(body["detail"][0]["loc"], json!(["body", "prompt"]));
+    let (status, body) = s.post_json("/api/v1/tasks", &json!({})).await;
+    assert_eq!(status, 422);
+    assert_eq!(body["detail"][0]["type"], "missing");
+}
+
+#[tokio::test]
+async fn cors_closed_by_default_open_when_configured() {
+    let s = TestServer::start().await;
+    let r = s
+        .client
+        .get(s.url("/api/v1/version"))
+        .header("Origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    let s = TestServer::start_with(|c| c.server.cors_origins = vec!["https://ok.example".into()]).await;
+    let r = s
+        .client
+        .get(s.url("/api/v1/version"))
+        .header("Origin", "https://ok.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["access-control-allow-origin"], "https://ok.example");
+    let r = s
+        .client
+        .get(s.url("/api/v1/version"))
+        .header("Origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+}
+
+#[tokio::test]
+async fn embedded_default_creates_data_dir() {
+    let s = TestServer::start().await;
+    let data = s.dir.path().join("data");
+    assert!(data.join("sd-host.db").exists());
+    assert!(data.join("models").is_dir());
+    assert!(data.join("images").is_dir());
+}
