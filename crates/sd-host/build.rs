@@ -40,7 +40,9 @@ fn main() {
                 .args(["pack", "--silent", pkg])
                 .current_dir(&dest)
                 .status()
-                .unwrap_or_else(|e| panic!("running `npm pack {pkg}` (npm is needed to build the docs assets): {e}"));
+                .unwrap_or_else(|e| {
+                    panic!("running `npm pack {pkg}` (npm is needed to build the docs assets): {e}")
+                });
             assert!(status.success(), "`npm pack {pkg}` failed");
             let tgz = format!("{}.tgz", pkg.replace('@', "-"));
             let status = Command::new("tar")

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use crate::config::{CliOverrides, Config};
 
 #[derive(Parser)]
-#[command(name = "sd-host", version, about = "Self-hosted Stable Diffusion server")]
+#[command(
+    name = "sd-host",
+    version,
+    about = "Self-hosted Stable Diffusion server"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -18,6 +22,22 @@ pub struct Cli {
 pub enum Command {
     /// Run the HTTP API, queue and engine worker.
     Serve(ServeArgs),
+    /// Generate images from the command line (no server).
+    Generate(crate::generate::GenerateArgs),
+    /// Manage the model library.
+    Models {
+        #[arg(long, env = "SDHOST_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        command: crate::models::cli::ModelsCommand,
+    },
+    /// Developer tools (tiny test checkpoints and LoRAs).
+    #[command(subcommand)]
+    Dev(crate::generate::DevCommand),
+    /// Time text encoding, a UNet step, a VAE decode and peak RSS on the real architecture.
+    Bench(crate::generate::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -39,6 +59,7 @@ pub struct ServeArgs {
 }
 
 pub fn main() -> ExitCode {
+    // clap exits with 2 on usage errors, as SPEC §10 asks.
     let cli = Cli::parse();
     init_tracing();
     match run(cli) {
@@ -78,7 +99,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     api_keys: a.api_keys,
                 },
             )?;
+            if config.engine.threads > 0 {
+                // The engine's kernels size their pools from this; set before any thread starts.
+                std::env::set_var("RAYON_NUM_THREADS", config.engine.threads.to_string());
+            }
             runtime()?.block_on(crate::server::serve(config, a.insecure_no_auth))
         }
+        Command::Generate(a) => crate::generate::generate(a),
+        Command::Models {
+            config,
+            data_dir,
+            command,
+        } => {
+            let config = Config::load(
+                config.as_deref(),
+                &CliOverrides {
+                    data_dir,
+                    ..Default::default()
+                },
+            )?;
+            crate::models::cli::run(config, command)
+        }
+        Command::Dev(d) => crate::generate::dev(d),
+        Command::Bench(b) => crate::generate::bench(b),
     }
 }

@@ -385,7 +385,9 @@ impl Config {
             )));
         }
         if self.api.keys.iter().any(|k| k.0.is_empty()) {
-            return Err(ConfigError::Invalid("api.keys contains an empty key".into()));
+            return Err(ConfigError::Invalid(
+                "api.keys contains an empty key".into(),
+            ));
         }
         if self.limits.max_num_images == 0 || self.limits.max_steps == 0 {
             return Err(ConfigError::Invalid(
@@ -558,9 +560,17 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_errors() {
-        let bad = Config::load_from(None, &env(&[("SDHOST__SERVER__PROT", "1")]), &Default::default());
+        let bad = Config::load_from(
+            None,
+            &env(&[("SDHOST__SERVER__PROT", "1")]),
+            &Default::default(),
+        );
         assert!(matches!(bad, Err(ConfigError::Invalid(m)) if m.contains("prot")));
-        let bad = Config::load_from(None, &env(&[("SDHOST__SERVER__PORT", "x")]), &Default::default());
+        let bad = Config::load_from(
+            None,
+            &env(&[("SDHOST__SERVER__PORT", "x")]),
+            &Default::default(),
+        );
         assert!(bad.is_err());
     }
 
@@ -581,9 +591,15 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(human_duration::parse("300s"), Some(Duration::from_secs(300)));
+        assert_eq!(
+            human_duration::parse("300s"),
+            Some(Duration::from_secs(300))
+        );
         assert_eq!(human_duration::parse("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(human_duration::parse("150ms"), Some(Duration::from_millis(150)));
+        assert_eq!(
+            human_duration::parse("150ms"),
+            Some(Duration::from_millis(150))
+        );
         assert_eq!(human_duration::parse("abc"), None);
     }
 }

@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::json;
 
 /// One entry of a 422 validation error, FastAPI style.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct FieldError {
     pub loc: Vec<String>,
     pub msg: String,

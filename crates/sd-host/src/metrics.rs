@@ -67,10 +67,19 @@ impl Metrics {
             "counter",
             "Tasks by outcome.",
             vec![
-                ("{state=\"submitted\"}".into(), get(&self.tasks_submitted) as f64),
-                ("{state=\"completed\"}".into(), get(&self.tasks_completed) as f64),
+                (
+                    "{state=\"submitted\"}".into(),
+                    get(&self.tasks_submitted) as f64,
+                ),
+                (
+                    "{state=\"completed\"}".into(),
+                    get(&self.tasks_completed) as f64,
+                ),
                 ("{state=\"failed\"}".into(), get(&self.tasks_failed) as f64),
-                ("{state=\"cancelled\"}".into(), get(&self.tasks_cancelled) as f64),
+                (
+                    "{state=\"cancelled\"}".into(),
+                    get(&self.tasks_cancelled) as f64,
+                ),
             ],
         );
         metric(
@@ -102,9 +111,18 @@ impl Metrics {
             "counter",
             "Model downloads by outcome.",
             vec![
-                ("{state=\"started\"}".into(), get(&self.downloads_started) as f64),
-                ("{state=\"completed\"}".into(), get(&self.downloads_completed) as f64),
-                ("{state=\"failed\"}".into(), get(&self.downloads_failed) as f64),
+                (
+                    "{state=\"started\"}".into(),
+                    get(&self.downloads_started) as f64,
+                ),
+                (
+                    "{state=\"completed\"}".into(),
+                    get(&self.downloads_completed) as f64,
+                ),
+                (
+                    "{state=\"failed\"}".into(),
+                    get(&self.downloads_failed) as f64,
+                ),
             ],
         );
         metric(

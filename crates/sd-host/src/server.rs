@@ -50,7 +50,8 @@ pub async fn start(config: Config, insecure_no_auth: bool) -> anyhow::Result<Run
         .await
         .with_context(|| format!("binding {bind}"))?;
     let addr = listener.local_addr()?;
-    let state = AppState::build(config).await?;
+    let state = AppState::build(config, addr).await?;
+    startup(&state).await?;
     let app = crate::api::router(state.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let join = tokio::spawn(async move {
@@ -67,6 +68,24 @@ pub async fn start(config: Config, insecure_no_auth: bool) -> anyhow::Result<Run
         shutdown: Some(tx),
         join,
     })
+}
+
+/// Crash recovery, library scan and the dispatcher, before the first request is served.
+async fn startup(state: &AppState) -> anyhow::Result<()> {
+    let (requeued, failed) = state.repo.recover_interrupted(2).await?;
+    if requeued + failed > 0 {
+        tracing::warn!(
+            requeued,
+            failed,
+            "recovered tasks interrupted by a stop or crash"
+        );
+    }
+    if state.config.models.scan_on_start {
+        let found = crate::models::library::scan(&state.repo, &state.config.models_dir()).await?;
+        tracing::info!(models = found.len(), "model library scanned");
+    }
+    state.queue.start(state.clone());
+    Ok(())
 }
 
 /// `sd-host serve`: run until SIGINT/SIGTERM, then shut down gracefully.

@@ -6,8 +6,11 @@ use std::time::Instant;
 
 use crate::config::Config;
 use crate::db::DynRepo;
+use crate::events::EventHub;
 use crate::images::share::ShareSigner;
 use crate::metrics::Metrics;
+use crate::queue::worker::EngineHandle;
+use crate::queue::QueueHandle;
 use crate::storage::BlobStore;
 
 #[derive(Clone)]
@@ -22,10 +25,16 @@ pub struct AppState {
     pub model_loaded: Arc<AtomicBool>,
     /// Hashes of the configured API keys, compared in constant time.
     pub key_digests: Arc<Vec<[u8; 32]>>,
+    /// The engine thread.
+    pub engine: EngineHandle,
+    pub queue: QueueHandle,
+    pub events: EventHub,
+    /// `server.public_url`, or `http://<bound address>`: prefix of absolute URLs (callbacks).
+    pub base_url: Arc<String>,
 }
 
 impl AppState {
-    pub async fn build(config: Config) -> anyhow::Result<AppState> {
+    pub async fn build(config: Config, bound: std::net::SocketAddr) -> anyhow::Result<AppState> {
         std::fs::create_dir_all(&config.data_dir)?;
         std::fs::create_dir_all(config.models_dir())?;
         let repo = crate::db::connect(&config.database_url()).await?;
@@ -40,6 +49,13 @@ impl AppState {
             .iter()
             .map(|k| crate::api::auth::digest(k.expose().as_bytes()))
             .collect();
+        let engine = EngineHandle::spawn(|| Box::new(sd_engine::pipeline::CpuEngine::new()));
+        let base_url = config
+            .server
+            .public_url
+            .clone()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .unwrap_or_else(|| format!("http://{bound}"));
         Ok(AppState {
             config: Arc::new(config),
             repo,
@@ -49,6 +65,22 @@ impl AppState {
             started: Instant::now(),
             model_loaded: Arc::new(AtomicBool::new(false)),
             key_digests: Arc::new(key_digests),
+            engine,
+            queue: QueueHandle::new(),
+            events: EventHub::default(),
+            base_url: Arc::new(base_url),
         })
+    }
+}
+
+impl AppState {
+    /// Where uploaded img2img sources and masks are kept (named by their sha256).
+    pub fn inputs_dir(&self) -> std::path::PathBuf {
+        self.config.data_dir.join("inputs")
+    }
+
+    /// Absolute URL of a stored image.
+    pub fn image_url(&self, hash: &str) -> String {
+        format!("{}/api/v1/images/{hash}", self.base_url)
     }
 }

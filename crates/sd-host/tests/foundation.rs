@@ -149,10 +149,15 @@ async fn openapi_lists_routes_and_docs_are_offline() {
         let r = s.get(page).await;
         assert_eq!(r.status(), 200);
         let html = r.text().await.unwrap();
-        assert!(!html.contains("http://") && !html.contains("https://") && !html.contains("//cdn"),
-            "{page} references an external URL: {html}");
+        assert!(
+            !html.contains("http://") && !html.contains("https://") && !html.contains("//cdn"),
+            "{page} references an external URL: {html}"
+        );
         // every script and stylesheet it loads is served by us
-        for src in html.split(['"', '\'']).filter(|t| t.starts_with("/docs/assets/") || t.starts_with("/redoc/assets/")) {
+        for src in html
+            .split(['"', '\''])
+            .filter(|t| t.starts_with("/docs/assets/") || t.starts_with("/redoc/assets/"))
+        {
             let a = s.get(src).await;
             assert_eq!(a.status(), 200, "{src}");
             assert!(a.bytes().await.unwrap().len() > 1000, "{src} is too small");
@@ -166,7 +171,10 @@ async fn metrics_are_prometheus_text() {
     s.get("/api/v1/version").await;
     let r = s.get("/metrics").await;
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
     let text = r.text().await.unwrap();
     assert!(text.contains("# TYPE sdhost_queue_depth gauge"));
     assert!(text.contains("sdhost_http_requests_total{class=\"2xx\"}"));
@@ -180,7 +188,11 @@ async fn error_shapes_404_413_415_422() {
     assert_eq!(body, json!({"detail": "Not Found"}));
 
     // 415: text/plain and form bodies on a state-changing route
-    for ct in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"] {
+    for ct in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+    ] {
         let r = s
             .client
             .post(s.url("/api/v1/tasks"))
@@ -231,7 +243,8 @@ async fn cors_closed_by_default_open_when_configured() {
         .await
         .unwrap();
     assert!(r.headers().get("access-control-allow-origin").is_none());
-    let s = TestServer::start_with(|c| c.server.cors_origins = vec!["https://ok.example".into()]).await;
+    let s =
+        TestServer::start_with(|c| c.server.cors_origins = vec!["https://ok.example".into()]).await;
     let r = s
         .client
         .get(s.url("/api/v1/version"))
@@ -239,7 +252,10 @@ async fn cors_closed_by_default_open_when_configured() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.headers()["access-control-allow-origin"], "https://ok.example");
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://ok.example"
+    );
     let r = s
         .client
         .get(s.url("/api/v1/version"))

@@ -92,8 +92,12 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
     }
     match share_link(&state, &req) {
         Some(ShareCheck::Valid) => next.run(req).await,
-        Some(ShareCheck::Expired) => ApiError::Forbidden("share link expired".into()).into_response(),
-        Some(ShareCheck::Invalid) => ApiError::Forbidden("invalid share link".into()).into_response(),
+        Some(ShareCheck::Expired) => {
+            ApiError::Forbidden("share link expired".into()).into_response()
+        }
+        Some(ShareCheck::Invalid) => {
+            ApiError::Forbidden("invalid share link".into()).into_response()
+        }
         None => ApiError::Unauthorized(format!(
             "missing API key: send it in the {} header or as Authorization: Bearer",
             state.config.api.key_header

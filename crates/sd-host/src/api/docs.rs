@@ -18,19 +18,19 @@ static SWAGGER_JS: &[u8] = asset!("swagger-ui-bundle.js");
 static SWAGGER_CSS: &[u8] = asset!("swagger-ui.css");
 static REDOC_JS: &[u8] = asset!("redoc.standalone.js");
 
-const SWAGGER_HTML: &str = r#"<!doctype html>
+const SWAGGER_HTML: &str = r##"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>SD-Host API</title>
 <link rel="stylesheet" href="/docs/assets/swagger-ui.css"></head>
 <body><div id="swagger-ui"></div>
 <script src="/docs/assets/swagger-ui-bundle.js"></script>
 <script>window.ui = SwaggerUIBundle({ url: "/openapi.json", dom_id: "#swagger-ui" });</script>
-</body></html>"#;
+</body></html>"##;
 
-const REDOC_HTML: &str = r#"<!doctype html>
+const REDOC_HTML: &str = r##"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>SD-Host API</title></head>
 <body><redoc spec-url="/openapi.json"></redoc>
 <script src="/redoc/assets/redoc.standalone.js"></script>
-</body></html>"#;
+</body></html>"##;
 
 pub fn routes(doc: OpenApi) -> Router<AppState> {
     let doc = std::sync::Arc::new(doc);

@@ -59,9 +59,11 @@ fn json_rejection(rej: JsonRejection) -> ApiError {
             format!("invalid JSON: {}", e.body_text()),
             "json_invalid",
         )]),
-        JsonRejection::JsonDataError(e) => {
-            ApiError::Validation(vec![FieldError::new(&["body"], e.body_text(), "value_error")])
-        }
+        JsonRejection::JsonDataError(e) => ApiError::Validation(vec![FieldError::new(
+            &["body"],
+            e.body_text(),
+            "value_error",
+        )]),
         JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             ApiError::PayloadTooLarge("request body too large".into())
         }
@@ -84,7 +86,11 @@ where
             .await
             .map(|q| ApiQuery(q.0))
             .map_err(|e: QueryRejection| {
-                ApiError::Validation(vec![FieldError::new(&["query"], e.body_text(), "value_error")])
+                ApiError::Validation(vec![FieldError::new(
+                    &["query"],
+                    e.body_text(),
+                    "value_error",
+                )])
             })
     }
 }
@@ -93,7 +99,9 @@ where
 pub struct HashPath(pub String);
 
 pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for HashPath {

@@ -1,9 +1,16 @@
 //! HTTP layer: one file per resource, composed here with the shared middleware.
 
+pub mod a1111;
 pub mod auth;
+pub mod dialect;
 pub mod docs;
 pub mod extract;
+pub mod images;
+pub mod models;
+pub mod pipeline;
+pub mod queue;
 pub mod system;
+pub mod tasks;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, HeaderValue, Method};
@@ -33,7 +40,15 @@ struct ApiDoc;
 
 /// Every documented route. Each resource contributes its own `OpenApiRouter`.
 pub fn documented_routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(system::routes())
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(system::routes())
+        .merge(tasks::routes())
+        .merge(queue::routes())
+        .merge(pipeline::routes())
+        .merge(models::routes())
+        .merge(images::routes())
+        .merge(a1111::routes())
+        .merge(dialect::routes())
 }
 
 pub fn router(state: AppState) -> Router {
@@ -48,9 +63,15 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(state.config.limits.max_body_bytes))
-        .layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ))
         .layer(middleware::from_fn(auth::reject_simple_content_types))
-        .layer(middleware::from_fn_with_state(state.clone(), auth::body_limit));
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::body_limit,
+        ));
     if let Some(cors) = cors_layer(&state) {
         app = app.layer(cors);
     }

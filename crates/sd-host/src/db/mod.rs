@@ -8,9 +8,11 @@ use async_trait::async_trait;
 pub mod images;
 pub mod models;
 pub mod sqlite;
+pub mod tasks;
 
 pub use images::{ImageRecord, ImageRepo};
 pub use models::{ModelFilter, ModelRecord, ModelRepo};
+pub use tasks::{TaskRecord, TaskRepo, TaskStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -39,8 +41,8 @@ pub trait SettingsRepo: Send + Sync {
 }
 
 /// Everything the host stores, composed of one small trait per resource.
-pub trait Repo: SettingsRepo + ModelRepo + ImageRepo {}
-impl<T: SettingsRepo + ModelRepo + ImageRepo> Repo for T {}
+pub trait Repo: SettingsRepo + ModelRepo + ImageRepo + TaskRepo {}
+impl<T: SettingsRepo + ModelRepo + ImageRepo + TaskRepo> Repo for T {}
 
 pub type DynRepo = Arc<dyn Repo>;
 
@@ -49,7 +51,9 @@ pub async fn connect(url: &str) -> DbResult<DynRepo> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteRepo::connect(url).await?))
     } else {
-        Err(DbError::UnsupportedUrl(url.split('@').next_back().unwrap_or("").to_string()))
+        Err(DbError::UnsupportedUrl(
+            url.split('@').next_back().unwrap_or("").to_string(),
+        ))
     }
 }
 

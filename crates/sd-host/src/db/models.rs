@@ -146,10 +146,11 @@ impl ModelRepo for SqliteRepo {
     }
 
     async fn get_model(&self, sha256: &str) -> DbResult<Option<ModelRecord>> {
-        let row: Option<Row> = sqlx::query_as(&format!("SELECT {COLS} FROM models WHERE sha256 = ?"))
-            .bind(sha256)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row: Option<Row> =
+            sqlx::query_as(&format!("SELECT {COLS} FROM models WHERE sha256 = ?"))
+                .bind(sha256)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.map(from_row))
     }
 
@@ -191,16 +192,28 @@ mod tests {
             .await
             .unwrap();
         let sha = "ab".repeat(32);
-        let mut m = ModelRecord::new(&sha, "Dream Shaper.safetensors", "checkpoint", "sd1", "ready");
+        let mut m = ModelRecord::new(
+            &sha,
+            "Dream Shaper.safetensors",
+            "checkpoint",
+            "sd1",
+            "ready",
+        );
         m.source = Some(serde_json::json!({"civitai": {"version_id": 5}}));
         repo.upsert_model(&m).await.unwrap();
         let got = repo.get_model(&sha).await.unwrap().unwrap();
         assert_eq!(got.short_hash, "abababababa"[..10].to_string());
         assert_eq!(got.name, "Dream Shaper");
         assert_eq!(got.source, m.source);
-        let f = ModelFilter { q: Some("dream".into()), ..Default::default() };
+        let f = ModelFilter {
+            q: Some("dream".into()),
+            ..Default::default()
+        };
         assert_eq!(repo.list_models(&f).await.unwrap().len(), 1);
-        let f = ModelFilter { model_type: Some("lora".into()), ..Default::default() };
+        let f = ModelFilter {
+            model_type: Some("lora".into()),
+            ..Default::default()
+        };
         assert!(repo.list_models(&f).await.unwrap().is_empty());
         assert!(repo.delete_model(&sha).await.unwrap());
         assert!(repo.get_model(&sha).await.unwrap().is_none());

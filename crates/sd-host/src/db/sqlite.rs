@@ -38,10 +38,12 @@ impl SettingsRepo for SqliteRepo {
     }
 
     async fn get_setting(&self, key: &str) -> DbResult<Option<String>> {
-        Ok(sqlx::query_scalar("SELECT value FROM settings WHERE key = ?")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT value FROM settings WHERE key = ?")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     async fn set_setting(&self, key: &str, value: &str) -> DbResult<()> {

@@ -1,11 +1,15 @@
 //! Server-Sent Events plumbing shared by every stream (tasks, queue, images, downloads).
 
+pub mod hub;
+
 use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use serde::Serialize;
+
+pub use hub::EventHub;
 
 /// One event as it goes on the wire: `id`, `event` name and JSON `data`.
 #[derive(Debug, Clone, Serialize)]

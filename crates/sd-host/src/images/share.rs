@@ -77,7 +77,10 @@ mod tests {
         assert_eq!(s.verify(&h, 1000, &t, 999), ShareCheck::Valid);
         assert_eq!(s.verify(&h, 1000, &t, 1001), ShareCheck::Expired);
         assert_eq!(s.verify(&h, 1001, &t, 999), ShareCheck::Invalid);
-        assert_eq!(s.verify(&"b".repeat(64), 1000, &t, 999), ShareCheck::Invalid);
+        assert_eq!(
+            s.verify(&"b".repeat(64), 1000, &t, 999),
+            ShareCheck::Invalid
+        );
         assert_eq!(s.verify(&h, 1000, "zz", 999), ShareCheck::Invalid);
     }
 }

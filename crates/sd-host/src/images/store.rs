@@ -29,7 +29,7 @@ pub struct GeneratedImage {
 /// Encodes and stores one image; returns its record. The row is written only after the blob is durable.
 pub async fn store_generated(state: &AppState, img: GeneratedImage) -> ApiResult<ImageRecord> {
     let (w, h) = (img.rgb.width, img.rgb.height);
-    let encoded = encode(&img)?;
+    let encoded = encode_image(&img)?;
     let bytes_len = encoded.len() as i64;
     let hash = state
         .blobs
@@ -69,8 +69,8 @@ pub fn normalise_format(f: &str) -> &'static str {
     }
 }
 
-/// Plain encoding; the images issue adds A1111 infotext and the `sd-host` JSON chunk.
-fn encode(img: &GeneratedImage) -> ApiResult<Vec<u8>> {
+/// The one encoder for generated images (server and `sd-host generate`).
+pub fn encode_image(img: &GeneratedImage) -> ApiResult<Vec<u8>> {
     use image::ImageEncoder;
     let mut out = Vec::new();
     let (w, h) = (img.rgb.width, img.rgb.height);
@@ -96,4 +96,36 @@ fn encode(img: &GeneratedImage) -> ApiResult<Vec<u8>> {
     };
     res.map_err(ApiError::internal)?;
     Ok(out)
+}
+
+impl GeneratedImage {
+    /// Image `index` of a task (seed `seed + index`).
+    pub fn from_task(
+        task_id: Option<&str>,
+        p: &crate::queue::request::TaskParams,
+        index: u32,
+        rgb: sd_engine::RgbImage,
+    ) -> Self {
+        let mut params = serde_json::to_value(p).unwrap_or_default();
+        let seed = p.seed + index as u64;
+        if let Some(o) = params.as_object_mut() {
+            o.insert("seed".into(), seed.into());
+            o.insert("image_index".into(), index.into());
+            o.remove("engine_prompt");
+        }
+        GeneratedImage {
+            rgb,
+            format: p.output_format.clone(),
+            task_id: task_id.map(str::to_string),
+            model: Some(p.model.clone()),
+            prompt: p.prompt.clone(),
+            negative_prompt: p.negative_prompt.clone(),
+            seed: seed as i64,
+            steps: p.num_inference_steps as i64,
+            guidance_scale: p.guidance_scale,
+            scheduler: p.scheduler.clone(),
+            params,
+            attributes: p.metadata.clone(),
+        }
+    }
 }

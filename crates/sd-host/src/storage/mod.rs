@@ -83,8 +83,8 @@ impl BlobStore {
                 tokio::task::spawn_blocking(move || {
                     crate::util::write_file_atomic(&root.join(key_str), &bytes)
                 })
-                    .await
-                    .map_err(|e| std::io::Error::other(e.to_string()))??;
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))??;
             }
             None => {
                 self.store.put(&key, PutPayload::from(bytes)).await?;
@@ -168,7 +168,12 @@ mod tests {
     async fn invalid_ids_never_reach_the_filesystem() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::local(dir.path()).unwrap();
-        for bad in ["../../etc/passwd", "/etc/passwd", "..%2f..%2fx", &"A".repeat(64)] {
+        for bad in [
+            "../../etc/passwd",
+            "/etc/passwd",
+            "..%2f..%2fx",
+            &"A".repeat(64),
+        ] {
             assert!(matches!(store.get(bad).await, Err(StorageError::InvalidId)));
         }
     }

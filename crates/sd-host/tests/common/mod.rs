@@ -27,7 +27,9 @@ impl TestServer {
         cfg.data_dir = dir.path().join("data");
         cfg.network.allow_private_targets = true;
         tweak(&mut cfg);
-        let server = sd_host::server::start(cfg, false).await.expect("server starts");
+        let server = sd_host::server::start(cfg, false)
+            .await
+            .expect("server starts");
         TestServer {
             server,
             dir,
@@ -40,7 +42,11 @@ impl TestServer {
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.client.get(self.url(path)).send().await.expect("request")
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request")
     }
 
     pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
@@ -49,7 +55,11 @@ impl TestServer {
         (status, r.json().await.unwrap_or(serde_json::Value::Null))
     }
 
-    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> (u16, serde_json::Value) {
         let r = self
             .client
             .post(self.url(path))

@@ -1,0 +1,426 @@
+//! Task rows: the persistent queue. A task is committed here before the API acknowledges it.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::sqlite::SqliteRepo;
+use super::{now_ms, DbResult};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskStatus {
+    Pending,
+    Processing,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl TaskStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Pending => "pending",
+            TaskStatus::Processing => "processing",
+            TaskStatus::Completed => "completed",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Cancelled => "cancelled",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => TaskStatus::Pending,
+            "processing" => TaskStatus::Processing,
+            "completed" => TaskStatus::Completed,
+            "failed" => TaskStatus::Failed,
+            "cancelled" => TaskStatus::Cancelled,
+            _ => return None,
+        })
+    }
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Cancelled
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRecord {
+    pub id: String,
+    /// Submission order (FIFO within a priority); `to: front` gives a task a lower one.
+    pub seq: i64,
+    pub status: TaskStatus,
+    pub priority: i64,
+    pub model_sha256: Option<String>,
+    /// Canonical LoRA set (`sha:weight,...`), for smart scheduling.
+    pub lora_key: String,
+    /// The validated, resolved request (seed included).
+    pub params: serde_json::Value,
+    pub callback_url: Option<String>,
+    /// How many times the task was started (crash recovery re-queues once).
+    pub attempts: i64,
+    pub error_message: Option<String>,
+    /// Hashes of the stored images, in order.
+    pub images: Vec<String>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub updated_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+#[async_trait]
+pub trait TaskRepo: Send + Sync {
+    /// Inserts a pending task, giving it the next `seq`; returns the stored record.
+    async fn insert_task(&self, t: &TaskRecord) -> DbResult<TaskRecord>;
+    async fn get_task(&self, id: &str) -> DbResult<Option<TaskRecord>>;
+    /// Newest first; returns the page and the total count.
+    async fn list_tasks(
+        &self,
+        status: Option<TaskStatus>,
+        offset: i64,
+        limit: i64,
+    ) -> DbResult<(Vec<TaskRecord>, i64)>;
+    /// Pending tasks in queue order: priority desc, then seq asc.
+    async fn list_pending(&self) -> DbResult<Vec<TaskRecord>>;
+    /// pending → processing (attempts + 1). False if it was no longer pending.
+    async fn mark_processing(&self, id: &str) -> DbResult<bool>;
+    /// pending|processing → a terminal status. False if the task had already finished.
+    async fn finish_task(
+        &self,
+        id: &str,
+        status: TaskStatus,
+        images: &[String],
+        error: Option<&str>,
+    ) -> DbResult<bool>;
+    /// Sets the priority of pending tasks; returns how many changed.
+    async fn set_priority(&self, ids: &[String], priority: i64) -> DbResult<u64>;
+    /// Moves pending tasks ahead of every other pending task, keeping their given order.
+    async fn move_to_front(&self, ids: &[String]) -> DbResult<u64>;
+    /// At start: processing tasks go back to pending once; a second interruption fails them.
+    /// Returns (requeued, failed).
+    async fn recover_interrupted(&self, max_attempts: i64) -> DbResult<(u64, u64)>;
+    /// Pending or processing tasks that use this model.
+    async fn active_tasks_for_model(&self, sha256: &str) -> DbResult<Vec<String>>;
+}
+
+type Row = (
+    String,
+    i64,
+    String,
+    i64,
+    Option<String>,
+    String,
+    String,
+    Option<String>,
+    i64,
+    Option<String>,
+    String,
+    i64,
+    Option<i64>,
+    i64,
+    Option<i64>,
+);
+
+const COLS: &str = "id, seq, status, priority, model_sha256, lora_key, params, callback_url, attempts, error_message, images, created_at, started_at, updated_at, finished_at";
+
+fn from_row(r: Row) -> DbResult<TaskRecord> {
+    Ok(TaskRecord {
+        id: r.0,
+        seq: r.1,
+        status: TaskStatus::parse(&r.2)
+            .ok_or_else(|| super::DbError::Corrupt(format!("task status {:?}", r.2)))?,
+        priority: r.3,
+        model_sha256: r.4,
+        lora_key: r.5,
+        params: serde_json::from_str(&r.6)
+            .map_err(|e| super::DbError::Corrupt(format!("task params: {e}")))?,
+        callback_url: r.7,
+        attempts: r.8,
+        error_message: r.9,
+        images: serde_json::from_str(&r.10).unwrap_or_default(),
+        created_at: r.11,
+        started_at: r.12,
+        updated_at: r.13,
+        finished_at: r.14,
+    })
+}
+
+fn rows(rows: Vec<Row>) -> DbResult<Vec<TaskRecord>> {
+    rows.into_iter().map(from_row).collect()
+}
+
+#[async_trait]
+impl TaskRepo for SqliteRepo {
+    async fn insert_task(&self, t: &TaskRecord) -> DbResult<TaskRecord> {
+        let mut tx = self.pool.begin().await?;
+        let max: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM tasks")
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut rec = t.clone();
+        rec.seq = max.unwrap_or(0) + 1;
+        sqlx::query(&format!(
+            "INSERT INTO tasks ({COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        ))
+        .bind(&rec.id)
+        .bind(rec.seq)
+        .bind(rec.status.as_str())
+        .bind(rec.priority)
+        .bind(&rec.model_sha256)
+        .bind(&rec.lora_key)
+        .bind(rec.params.to_string())
+        .bind(&rec.callback_url)
+        .bind(rec.attempts)
+        .bind(&rec.error_message)
+        .bind(serde_json::to_string(&rec.images).unwrap_or_else(|_| "[]".into()))
+        .bind(rec.created_at)
+        .bind(rec.started_at)
+        .bind(rec.updated_at)
+        .bind(rec.finished_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rec)
+    }
+
+    async fn get_task(&self, id: &str) -> DbResult<Option<TaskRecord>> {
+        let row: Option<Row> = sqlx::query_as(&format!("SELECT {COLS} FROM tasks WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(from_row).transpose()
+    }
+
+    async fn list_tasks(
+        &self,
+        status: Option<TaskStatus>,
+        offset: i64,
+        limit: i64,
+    ) -> DbResult<(Vec<TaskRecord>, i64)> {
+        let st = status.map(|s| s.as_str());
+        let page: Vec<Row> = sqlx::query_as(&format!(
+            "SELECT {COLS} FROM tasks WHERE (? IS NULL OR status = ?) ORDER BY created_at DESC, seq DESC LIMIT ? OFFSET ?"
+        ))
+        .bind(st)
+        .bind(st)
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?;
+        let total: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE (? IS NULL OR status = ?)")
+                .bind(st)
+                .bind(st)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok((rows(page)?, total))
+    }
+
+    async fn list_pending(&self) -> DbResult<Vec<TaskRecord>> {
+        let r: Vec<Row> = sqlx::query_as(&format!(
+            "SELECT {COLS} FROM tasks WHERE status = 'pending' ORDER BY priority DESC, seq ASC"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows(r)
+    }
+
+    async fn mark_processing(&self, id: &str) -> DbResult<bool> {
+        let now = now_ms();
+        let r = sqlx::query(
+            "UPDATE tasks SET status = 'processing', attempts = attempts + 1, started_at = ?, updated_at = ? \
+             WHERE id = ? AND status = 'pending'",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn finish_task(
+        &self,
+        id: &str,
+        status: TaskStatus,
+        images: &[String],
+        error: Option<&str>,
+    ) -> DbResult<bool> {
+        let now = now_ms();
+        let r = sqlx::query(
+            "UPDATE tasks SET status = ?, images = ?, error_message = ?, updated_at = ?, finished_at = ? \
+             WHERE id = ? AND status IN ('pending', 'processing')",
+        )
+        .bind(status.as_str())
+        .bind(serde_json::to_string(images).unwrap_or_else(|_| "[]".into()))
+        .bind(error)
+        .bind(now)
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn set_priority(&self, ids: &[String], priority: i64) -> DbResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        let mut n = 0;
+        for id in ids {
+            n += sqlx::query(
+                "UPDATE tasks SET priority = ?, updated_at = ? WHERE id = ? AND status = 'pending'",
+            )
+            .bind(priority)
+            .bind(now_ms())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn move_to_front(&self, ids: &[String]) -> DbResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        let top: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(priority) FROM tasks WHERE status = 'pending'")
+                .fetch_one(&mut *tx)
+                .await?;
+        let min_seq: Option<i64> = sqlx::query_scalar("SELECT MIN(seq) FROM tasks")
+            .fetch_one(&mut *tx)
+            .await?;
+        let (top, mut seq) = (top.unwrap_or(0), min_seq.unwrap_or(0));
+        let mut n = 0;
+        // Last id first, so the first id ends up with the smallest seq.
+        for id in ids.iter().rev() {
+            seq -= 1;
+            n += sqlx::query(
+                "UPDATE tasks SET priority = MAX(priority, ?), seq = ?, updated_at = ? WHERE id = ? AND status = 'pending'",
+            )
+            .bind(top)
+            .bind(seq)
+            .bind(now_ms())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn recover_interrupted(&self, max_attempts: i64) -> DbResult<(u64, u64)> {
+        let mut tx = self.pool.begin().await?;
+        let now = now_ms();
+        let failed = sqlx::query(
+            "UPDATE tasks SET status = 'failed', error_message = 'interrupted twice while processing (server stopped or crashed)', \
+             updated_at = ?, finished_at = ? WHERE status = 'processing' AND attempts >= ?",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(max_attempts)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let requeued = sqlx::query(
+            "UPDATE tasks SET status = 'pending', updated_at = ? WHERE status = 'processing'",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok((requeued, failed))
+    }
+
+    async fn active_tasks_for_model(&self, sha256: &str) -> DbResult<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM tasks WHERE status IN ('pending', 'processing') AND (model_sha256 = ? OR lora_key LIKE ?)",
+        )
+        .bind(sha256)
+        .bind(format!("%{sha256}%"))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: &str, priority: i64) -> TaskRecord {
+        let now = now_ms();
+        TaskRecord {
+            id: id.into(),
+            seq: 0,
+            status: TaskStatus::Pending,
+            priority,
+            model_sha256: Some("m".into()),
+            lora_key: String::new(),
+            params: serde_json::json!({"prompt": id}),
+            callback_url: None,
+            attempts: 0,
+            error_message: None,
+            images: vec![],
+            created_at: now,
+            started_at: None,
+            updated_at: now,
+            finished_at: None,
+        }
+    }
+
+    async fn repo() -> (tempfile::TempDir, SqliteRepo) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let r = SqliteRepo::connect(&url).await.unwrap();
+        (dir, r)
+    }
+
+    fn ids(v: &[TaskRecord]) -> Vec<&str> {
+        v.iter().map(|t| t.id.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn pending_order_priority_then_fifo_and_front() {
+        let (_d, r) = repo().await;
+        for (id, p) in [("a", 0), ("b", 5), ("c", 0), ("d", 5)] {
+            r.insert_task(&task(id, p)).await.unwrap();
+        }
+        assert_eq!(ids(&r.list_pending().await.unwrap()), ["b", "d", "a", "c"]);
+        r.move_to_front(&["c".into(), "a".into()]).await.unwrap();
+        assert_eq!(ids(&r.list_pending().await.unwrap()), ["c", "a", "b", "d"]);
+        r.set_priority(&["d".into()], 9).await.unwrap();
+        assert_eq!(ids(&r.list_pending().await.unwrap())[0], "d");
+    }
+
+    #[tokio::test]
+    async fn lifecycle_and_recovery() {
+        let (_d, r) = repo().await;
+        r.insert_task(&task("a", 0)).await.unwrap();
+        r.insert_task(&task("b", 0)).await.unwrap();
+        assert!(r.mark_processing("a").await.unwrap());
+        assert!(!r.mark_processing("a").await.unwrap());
+        // first interruption: back to pending
+        assert_eq!(r.recover_interrupted(2).await.unwrap(), (1, 0));
+        assert!(r.mark_processing("a").await.unwrap());
+        // second: failed with a reason
+        assert_eq!(r.recover_interrupted(2).await.unwrap(), (0, 1));
+        let a = r.get_task("a").await.unwrap().unwrap();
+        assert_eq!(a.status, TaskStatus::Failed);
+        assert!(a.error_message.unwrap().contains("interrupted"));
+        assert!(r
+            .finish_task("b", TaskStatus::Completed, &["h".into()], None)
+            .await
+            .unwrap());
+        assert!(!r
+            .finish_task("b", TaskStatus::Cancelled, &[], None)
+            .await
+            .unwrap());
+        let b = r.get_task("b").await.unwrap().unwrap();
+        assert_eq!(b.images, vec!["h".to_string()]);
+        let (page, total) = r
+            .list_tasks(Some(TaskStatus::Completed), 0, 10)
+            .await
+            .unwrap();
+        assert_eq!((page.len(), total), (1, 1));
+    }
+}

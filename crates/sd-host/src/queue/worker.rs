@@ -1,0 +1,301 @@
+//! The engine on its own OS thread. The async side holds an [`EngineHandle`] (a channel sender) and
+//! gets replies on oneshot channels; the thread owns the only `Backend`, so nothing is shared.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use sd_engine::{
+    Backend, CheckpointInfo, Control, EmbeddingReport, EmbeddingSpec, GenerateParams, LoraReport,
+    LoraSpec, Progress, RgbImage,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// What is resident in the engine, published on a `watch` for status routes and the scheduler.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineState {
+    pub checkpoint: Option<LoadedCheckpoint>,
+    /// (sha256, name, weight) of the applied LoRA set, in order.
+    pub loras: Vec<(String, String, f32)>,
+    pub busy: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedCheckpoint {
+    pub sha256: String,
+    pub name: String,
+    pub family: String,
+    pub inpaint: bool,
+}
+
+impl EngineState {
+    /// Canonical LoRA-set key (what smart scheduling compares).
+    pub fn lora_key(&self) -> String {
+        lora_key(self.loras.iter().map(|(s, _, w)| (s.as_str(), *w)))
+    }
+}
+
+/// `sha:weight` joined by commas; weight-0 entries change nothing and are left out.
+pub fn lora_key<'a>(loras: impl Iterator<Item = (&'a str, f32)>) -> String {
+    loras
+        .filter(|(_, w)| *w != 0.0)
+        .map(|(s, w)| format!("{s}:{w}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("{0}")]
+    Engine(#[from] sd_engine::EngineError),
+    #[error("engine panicked: {0}")]
+    Panic(String),
+    #[error("engine thread is gone")]
+    Gone,
+}
+
+pub type WorkerResult<T> = Result<T, WorkerError>;
+
+enum Cmd {
+    Load {
+        path: PathBuf,
+        sha256: String,
+        name: String,
+        reply: oneshot::Sender<WorkerResult<CheckpointInfo>>,
+    },
+    Unload {
+        reply: oneshot::Sender<()>,
+    },
+    SetLoras {
+        specs: Vec<(String, LoraSpec)>,
+        reply: oneshot::Sender<WorkerResult<LoraReport>>,
+    },
+    SetEmbeddings {
+        specs: Vec<EmbeddingSpec>,
+        reply: oneshot::Sender<WorkerResult<EmbeddingReport>>,
+    },
+    Generate {
+        params: Box<GenerateParams>,
+        cancel: Arc<AtomicBool>,
+        progress: mpsc::UnboundedSender<Progress>,
+        reply: oneshot::Sender<WorkerResult<Vec<RgbImage>>>,
+    },
+}
+
+/// Cheap to clone; every call is one message to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: std::sync::mpsc::Sender<Cmd>,
+    state: watch::Receiver<EngineState>,
+    /// How many checkpoint loads the engine has done (smart-scheduling tests and metrics).
+    pub loads: Arc<AtomicU64>,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread with the backend `make` builds (on that thread).
+    pub fn spawn<F>(make: F) -> EngineHandle
+    where
+        F: FnOnce() -> Box<dyn Backend> + Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::channel::<Cmd>();
+        let (state_tx, state_rx) = watch::channel(EngineState::default());
+        let loads = Arc::new(AtomicU64::new(0));
+        let loads2 = loads.clone();
+        std::thread::Builder::new()
+            .name("sd-engine".into())
+            .spawn(move || run(make(), rx, state_tx, loads2))
+            .expect("spawn engine thread");
+        EngineHandle {
+            tx,
+            state: state_rx,
+            loads,
+        }
+    }
+
+    pub fn state(&self) -> EngineState {
+        self.state.borrow().clone()
+    }
+
+    pub fn watch(&self) -> watch::Receiver<EngineState> {
+        self.state.clone()
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Cmd,
+    ) -> Result<T, WorkerError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).map_err(|_| WorkerError::Gone)?;
+        rx.await.map_err(|_| WorkerError::Gone)
+    }
+
+    pub async fn load(
+        &self,
+        path: PathBuf,
+        sha256: &str,
+        name: &str,
+    ) -> WorkerResult<CheckpointInfo> {
+        let (sha256, name) = (sha256.to_string(), name.to_string());
+        self.call(|reply| Cmd::Load {
+            path,
+            sha256,
+            name,
+            reply,
+        })
+        .await?
+    }
+
+    pub async fn unload(&self) -> WorkerResult<()> {
+        self.call(|reply| Cmd::Unload { reply }).await
+    }
+
+    /// `specs`: (sha256, spec) in application order.
+    pub async fn set_loras(&self, specs: Vec<(String, LoraSpec)>) -> WorkerResult<LoraReport> {
+        self.call(|reply| Cmd::SetLoras { specs, reply }).await?
+    }
+
+    pub async fn set_embeddings(&self, specs: Vec<EmbeddingSpec>) -> WorkerResult<EmbeddingReport> {
+        self.call(|reply| Cmd::SetEmbeddings { specs, reply })
+            .await?
+    }
+
+    /// Runs one generation; progress arrives on `progress` (never blocks the engine).
+    pub async fn generate(
+        &self,
+        params: GenerateParams,
+        cancel: Arc<AtomicBool>,
+        progress: mpsc::UnboundedSender<Progress>,
+    ) -> WorkerResult<Vec<RgbImage>> {
+        self.call(|reply| Cmd::Generate {
+            params: Box::new(params),
+            cancel,
+            progress,
+            reply,
+        })
+        .await?
+    }
+}
+
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+fn run(
+    mut engine: Box<dyn Backend>,
+    rx: std::sync::mpsc::Receiver<Cmd>,
+    state: watch::Sender<EngineState>,
+    loads: Arc<AtomicU64>,
+) {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    while let Ok(cmd) = rx.recv() {
+        match cmd {
+            Cmd::Load {
+                path,
+                sha256,
+                name,
+                reply,
+            } => {
+                state.send_modify(|s| {
+                    s.busy = true;
+                    s.checkpoint = None;
+                    s.loras.clear();
+                });
+                let r = catch_unwind(AssertUnwindSafe(|| engine.load_checkpoint(&path)));
+                let r = match r {
+                    Ok(Ok(info)) => {
+                        loads.fetch_add(1, Ordering::Relaxed);
+                        state.send_modify(|s| {
+                            s.checkpoint = Some(LoadedCheckpoint {
+                                sha256,
+                                name,
+                                family: info.family.as_str().into(),
+                                inpaint: info.inpaint,
+                            })
+                        });
+                        Ok(info)
+                    }
+                    Ok(Err(e)) => Err(WorkerError::Engine(e)),
+                    Err(p) => {
+                        engine.unload();
+                        Err(WorkerError::Panic(panic_text(p)))
+                    }
+                };
+                state.send_modify(|s| s.busy = false);
+                let _ = reply.send(r);
+            }
+            Cmd::Unload { reply } => {
+                engine.unload();
+                state.send_modify(|s| {
+                    s.checkpoint = None;
+                    s.loras.clear();
+                });
+                let _ = reply.send(());
+            }
+            Cmd::SetLoras { specs, reply } => {
+                let plain: Vec<LoraSpec> = specs.iter().map(|(_, s)| s.clone()).collect();
+                let r = match catch_unwind(AssertUnwindSafe(|| engine.set_loras(&plain))) {
+                    Ok(Ok(rep)) => {
+                        state.send_modify(|s| {
+                            s.loras = specs
+                                .iter()
+                                .map(|(sha, sp)| (sha.clone(), sp.name.clone(), sp.weight))
+                                .collect()
+                        });
+                        Ok(rep)
+                    }
+                    Ok(Err(e)) => Err(WorkerError::Engine(e)),
+                    Err(p) => {
+                        engine.unload();
+                        state.send_modify(|s| {
+                            s.checkpoint = None;
+                            s.loras.clear();
+                        });
+                        Err(WorkerError::Panic(panic_text(p)))
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Cmd::SetEmbeddings { specs, reply } => {
+                let r = catch_unwind(AssertUnwindSafe(|| engine.set_embeddings(&specs)))
+                    .map_err(|p| WorkerError::Panic(panic_text(p)))
+                    .and_then(|r| r.map_err(WorkerError::Engine));
+                let _ = reply.send(r);
+            }
+            Cmd::Generate {
+                params,
+                cancel,
+                progress,
+                reply,
+            } => {
+                state.send_modify(|s| s.busy = true);
+                let mut on_step = |p: &Progress| {
+                    let _ = progress.send(p.clone());
+                    if cancel.load(Ordering::Relaxed) {
+                        Control::Cancel
+                    } else {
+                        Control::Continue
+                    }
+                };
+                let r =
+                    match catch_unwind(AssertUnwindSafe(|| engine.generate(&params, &mut on_step)))
+                    {
+                        Ok(r) => r.map_err(WorkerError::Engine),
+                        Err(p) => {
+                            // The model may be half-updated; drop it so the next task reloads it clean.
+                            engine.unload();
+                            state.send_modify(|s| {
+                                s.checkpoint = None;
+                                s.loras.clear();
+                            });
+                            Err(WorkerError::Panic(panic_text(p)))
+                        }
+                    };
+                state.send_modify(|s| s.busy = false);
+                let _ = reply.send(r);
+            }
+        }
+    }
+}
