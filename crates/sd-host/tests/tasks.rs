@@ -1,0 +1,672 @@
+//! Tasks end to end (issue 5): real server on port 0, tiny checkpoints, the real engine.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::TestServer;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+/// A data dir with tiny sd1 checkpoints under `models/` (registered by the start-up scan).
+fn data_dir_with_models(seeds: &[u64]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let models = dir.path().join("data/models");
+    std::fs::create_dir_all(&models).expect("models dir");
+    for s in seeds {
+        sd_engine::tiny::write_tiny_checkpoint(
+            sd_engine::Family::Sd1,
+            false,
+            *s,
+            &models.join(format!("tiny{s}.safetensors")),
+        )
+        .expect("tiny checkpoint");
+    }
+    dir
+}
+
+async fn server_with_models(
+    seeds: &[u64],
+    tweak: impl FnOnce(&mut sd_host::config::Config),
+) -> TestServer {
+    TestServer::start_in(data_dir_with_models(seeds), tweak).await
+}
+
+async fn checkpoints(s: &TestServer) -> Vec<String> {
+    let mut v: Vec<(String, String)> = s
+        .server
+        .state
+        .repo
+        .list_models(&Default::default())
+        .await
+        .expect("models")
+        .into_iter()
+        .map(|m| (m.filename, m.sha256))
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, sha)| sha).collect()
+}
+
+fn body(extra: Value) -> Value {
+    let mut b = json!({"prompt": "a red (cat:1.2)", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 7});
+    if let (Some(o), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            o.insert(k.clone(), v.clone());
+        }
+    }
+    b
+}
+
+async fn submit(s: &TestServer, extra: Value) -> String {
+    let (status, r) = s.post_json("/api/v1/tasks", &body(extra)).await;
+    assert_eq!(status, 202, "{r}");
+    assert_eq!(r["status"], "pending");
+    r["task_id"].as_str().expect("task_id").to_string()
+}
+
+async fn task(s: &TestServer, id: &str) -> Value {
+    let (status, t) = s.get_json(&format!("/api/v1/tasks/{id}")).await;
+    assert_eq!(status, 200);
+    t
+}
+
+async fn wait_status(s: &TestServer, id: &str, want: &[&str]) -> Value {
+    for _ in 0..600 {
+        let t = task(s, id).await;
+        if want.contains(&t["status"].as_str().unwrap_or("")) {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("task {id} never reached {want:?}: {}", task(s, id).await);
+}
+
+/// Parsed SSE events (`id`, `event`, JSON `data`) of a stream, read until it ends or `stop` says so.
+async fn sse(
+    client: &reqwest::Client,
+    url: &str,
+    last_id: Option<u64>,
+    mut stop: impl FnMut(&str) -> bool,
+) -> Vec<(Option<u64>, String, Value)> {
+    let mut req = client.get(url);
+    if let Some(l) = last_id {
+        req = req.header("Last-Event-ID", l.to_string());
+    }
+    let resp = req.send().await.expect("sse request");
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap_or("")
+        .starts_with("text/event-stream"));
+    let mut stream = resp.bytes_stream();
+    let (mut buf, mut out) = (String::new(), vec![]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, stream.next()).await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let (mut id, mut ev, mut data) = (None, String::new(), String::new());
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = v.trim().parse().ok();
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    ev = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                }
+            }
+            if ev.is_empty() {
+                continue; // keep-alive comment
+            }
+            let done = stop(&ev);
+            out.push((id, ev, serde_json::from_str(&data).unwrap_or(Value::Null)));
+            if done {
+                return out;
+            }
+        }
+    }
+    out
+}
+
+fn terminal(ev: &str) -> bool {
+    matches!(ev, "completed" | "failed" | "cancelled")
+}
+
+#[tokio::test]
+async fn task_streams_progress_and_completes_with_a_stored_image() {
+    let s = server_with_models(&[1], |_| {}).await;
+    s.server.state.queue.pause(&s.server.state);
+    let id = submit(&s, json!({})).await;
+    let url = s.url(&format!("/api/v1/tasks/{id}/events"));
+    let client = s.client.clone();
+    let reader = tokio::spawn(async move { sse(&client, &url, None, terminal).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.server.state.queue.resume(&s.server.state);
+    let events = reader.await.expect("reader");
+    let names: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
+    assert_eq!(names.first(), Some(&"queued"), "{names:?}");
+    assert_eq!(events[0].2["position"], 1);
+    assert_eq!(names.last(), Some(&"completed"), "{names:?}");
+    let progress: Vec<_> = events.iter().filter(|e| e.1 == "progress").collect();
+    assert!(!progress.is_empty(), "{names:?}");
+    let last = progress.last().expect("progress");
+    assert_eq!(last.2["total_steps"], 2);
+    assert_eq!(last.2["step"], 2);
+    assert!(last.2["preview"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("data:image/jpeg;base64,"));
+    let ids: Vec<u64> = events.iter().filter_map(|e| e.0).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "event ids increase: {ids:?}"
+    );
+
+    let t = task(&s, &id).await;
+    assert_eq!(t["status"], "completed");
+    assert_eq!(t["params"]["seed"], 7);
+    assert_eq!(t["params"]["scheduler"], "DPM++ 2M");
+    let url = t["result_url"].as_str().expect("result_url");
+    let hash = t["images"][0]["hash"].as_str().expect("hash");
+    assert!(url.ends_with(&format!("/api/v1/images/{hash}")));
+    let bytes = s.server.state.blobs.get(hash).await.expect("blob stored");
+    let img = image::load_from_memory(&bytes).expect("decodes");
+    assert_eq!((img.width(), img.height()), (64, 64));
+    let rec = s
+        .server
+        .state
+        .repo
+        .get_image(hash)
+        .await
+        .expect("db")
+        .expect("row");
+    assert_eq!(rec.task_id.as_deref(), Some(id.as_str()));
+
+    // A finished task replays its terminal event; Last-Event-ID skips what the client has.
+    let again = sse(
+        &s.client,
+        &s.url(&format!("/api/v1/tasks/{id}/events")),
+        None,
+        terminal,
+    )
+    .await;
+    assert_eq!(again.last().map(|e| e.1.as_str()), Some("completed"));
+    let last_id = events.last().and_then(|e| e.0).expect("id");
+    let resumed = sse(
+        &s.client,
+        &s.url(&format!("/api/v1/tasks/{id}/events")),
+        Some(last_id - 1),
+        terminal,
+    )
+    .await;
+    assert_eq!(resumed.len(), 1);
+    assert_eq!(resumed[0].1, "completed");
+}
+
+#[tokio::test]
+async fn several_images_use_consecutive_seeds_and_generate_alias_works() {
+    let s = server_with_models(&[1], |_| {}).await;
+    let (status, r) = s
+        .post_json(
+            "/api/v1/generate",
+            &body(json!({"num_images": 3, "seed": 100})),
+        )
+        .await;
+    assert_eq!(status, 202, "{r}");
+    let id = r["task_id"].as_str().expect("id").to_string();
+    let t = wait_status(&s, &id, &["completed", "failed"]).await;
+    assert_eq!(t["status"], "completed", "{t}");
+    let urls = t["result_urls"].as_array().expect("result_urls");
+    assert_eq!(urls.len(), 3);
+    assert!(t["result_url"].is_null());
+    let mut hashes = vec![];
+    for (i, im) in t["images"].as_array().expect("images").iter().enumerate() {
+        let h = im["hash"].as_str().expect("hash");
+        let rec = s
+            .server
+            .state
+            .repo
+            .get_image(h)
+            .await
+            .expect("db")
+            .expect("row");
+        assert_eq!(rec.seed, Some(100 + i as i64));
+        hashes.push(h.to_string());
+    }
+    hashes.dedup();
+    assert_eq!(hashes.len(), 3, "three distinct images");
+    // Same seed again → bit-identical first image (deterministic engine).
+    let id2 = submit(&s, json!({"seed": 100})).await;
+    let t2 = wait_status(&s, &id2, &["completed", "failed"]).await;
+    assert_eq!(t2["images"][0]["hash"], t["images"][0]["hash"]);
+}
+
+#[tokio::test]
+async fn priority_then_fifo_order_and_move_to_front() {
+    let s = server_with_models(&[1], |_| {}).await;
+    let st = &s.server.state;
+    let (status, _) = s.post_json("/api/v1/queue/pause", &json!({})).await;
+    assert_eq!(status, 200);
+    let a = submit(&s, json!({"priority": 0})).await;
+    let b = submit(&s, json!({"priority": 5})).await;
+    let c = submit(&s, json!({"priority": 0})).await;
+    let d = submit(&s, json!({"priority": 5})).await;
+    let e = submit(&s, json!({"priority": 0})).await;
+    assert_eq!(task(&s, &a).await["queue_position"], 3);
+    assert_eq!(task(&s, &b).await["queue_position"], 1);
+    let (status, r) = s
+        .client
+        .put(s.url("/api/v1/tasks/priority"))
+        .json(&json!({"task_ids": [e], "to": "front"}))
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), r))
+        .expect("put");
+    assert_eq!(status, 200, "{:?}", r.text().await);
+    let (status, _) = s
+        .client
+        .put(s.url("/api/v1/tasks/priority"))
+        .json(&json!({"task_ids": [c], "priority": 1}))
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), r))
+        .expect("put");
+    assert_eq!(status, 200);
+    // Paused: nothing ran.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(task(&s, &a).await["status"], "pending");
+    s.post_json("/api/v1/queue/resume", &json!({})).await;
+    let mut started = vec![];
+    for id in [&a, &b, &c, &d, &e] {
+        let t = wait_status(&s, id, &["completed", "failed"]).await;
+        assert_eq!(t["status"], "completed");
+        started.push((
+            st.repo
+                .get_task(id)
+                .await
+                .expect("db")
+                .expect("row")
+                .started_at,
+            id.clone(),
+        ));
+    }
+    started.sort();
+    let order: Vec<&String> = started.iter().map(|(_, id)| id).collect();
+    assert_eq!(order, [&e, &b, &d, &c, &a]);
+}
+
+#[tokio::test]
+async fn batch_cancel_stops_running_and_pending_tasks() {
+    let s = server_with_models(&[1], |_| {}).await;
+    let running = submit(
+        &s,
+        json!({"num_inference_steps": 150, "width": 128, "height": 128, "num_images": 10}),
+    )
+    .await;
+    let p1 = submit(&s, json!({})).await;
+    let p2 = submit(&s, json!({})).await;
+    wait_status(&s, &running, &["processing"]).await;
+    // Let it take a few steps so cancellation happens mid-run.
+    let url = s.url(&format!("/api/v1/tasks/{running}/events"));
+    sse(&s.client, &url, None, |e| e == "progress").await;
+    let r = s
+        .client
+        .delete(s.url("/api/v1/tasks"))
+        .json(&json!({"task_ids": [running, p1, p2, "00000000-0000-4000-8000-000000000000"]}))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 200);
+    let r: Value = r.json().await.expect("json");
+    assert_eq!(r["cancelled"].as_array().map(|a| a.len()), Some(3), "{r}");
+    assert_eq!(
+        r["not_found"],
+        json!(["00000000-0000-4000-8000-000000000000"])
+    );
+    let t = wait_status(&s, &running, &["cancelled", "completed", "failed"]).await;
+    assert_eq!(t["status"], "cancelled", "{t}");
+    assert!(t["images"].as_array().is_some_and(|a| a.is_empty()));
+    for p in [&p1, &p2] {
+        assert_eq!(task(&s, p).await["status"], "cancelled");
+    }
+    // Cancelling a finished task is a conflict; a bad id never reaches the database.
+    let r = s
+        .client
+        .delete(s.url(&format!("/api/v1/tasks/{p1}")))
+        .send()
+        .await
+        .expect("del");
+    assert_eq!(r.status(), 409);
+    let r = s
+        .client
+        .delete(s.url("/api/v1/tasks/..%2F..%2Fetc"))
+        .send()
+        .await
+        .expect("del");
+    assert_eq!(r.status(), 422);
+    // The queue goes on after cancellations.
+    let after = submit(&s, json!({})).await;
+    assert_eq!(
+        wait_status(&s, &after, &["completed", "failed"]).await["status"],
+        "completed"
+    );
+}
+
+async fn run_mixed_workload(smart: bool) -> (u64, Vec<String>) {
+    let s = server_with_models(&[1, 2], |c| c.queue.smart_scheduling = smart).await;
+    let m = checkpoints(&s).await;
+    s.post_json("/api/v1/queue/pause", &json!({})).await;
+    let mut ids = vec![];
+    for model in [&m[0], &m[1], &m[0], &m[1], &m[0]] {
+        ids.push(submit(&s, json!({"model": model})).await);
+    }
+    s.post_json("/api/v1/queue/resume", &json!({})).await;
+    let mut statuses = vec![];
+    for id in &ids {
+        statuses.push(wait_status(&s, id, &["completed", "failed"]).await["status"].to_string());
+    }
+    (
+        s.server.state.engine.loads.load(Ordering::Relaxed),
+        statuses,
+    )
+}
+
+#[tokio::test]
+async fn smart_scheduling_loads_fewer_checkpoints_than_fifo_and_starves_nothing() {
+    let (smart_loads, smart_status) = run_mixed_workload(true).await;
+    let (fifo_loads, fifo_status) = run_mixed_workload(false).await;
+    assert!(
+        smart_status.iter().all(|s| s == "\"completed\""),
+        "{smart_status:?}"
+    );
+    assert!(
+        fifo_status.iter().all(|s| s == "\"completed\""),
+        "{fifo_status:?}"
+    );
+    assert_eq!(smart_loads, 2);
+    assert_eq!(fifo_loads, 5);
+}
+
+#[tokio::test]
+async fn max_reorder_wait_bounds_how_long_a_task_is_passed_over() {
+    // With a zero bound every waiting task is overdue: pure FIFO even with smart scheduling on.
+    let s = server_with_models(&[1, 2], |c| c.queue.max_reorder_wait = Duration::ZERO).await;
+    let m = checkpoints(&s).await;
+    s.post_json("/api/v1/queue/pause", &json!({})).await;
+    let mut ids = vec![];
+    for model in [&m[0], &m[1], &m[0]] {
+        ids.push(submit(&s, json!({"model": model})).await);
+    }
+    s.post_json("/api/v1/queue/resume", &json!({})).await;
+    for id in &ids {
+        wait_status(&s, id, &["completed"]).await;
+    }
+    assert_eq!(s.server.state.engine.loads.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test]
+async fn invalid_requests_are_rejected_and_nothing_is_queued() {
+    let s = server_with_models(&[1], |c| c.network.allow_private_targets = false).await;
+    let lora_less = "f".repeat(64);
+    let png_8k = {
+        // A header that claims 9000×9000: refused from the header, before decoding.
+        let mut out = Vec::new();
+        image::DynamicImage::new_rgb8(8, 8)
+            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .expect("png");
+        out[16..20].copy_from_slice(&9000u32.to_be_bytes());
+        out[20..24].copy_from_slice(&9000u32.to_be_bytes());
+        use base64::Engine as _;
+        format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(out)
+        )
+    };
+    let cases: Vec<(Value, u16)> = vec![
+        (json!({"width": 100}), 422),
+        (json!({"width": 4096, "height": 4096}), 422),
+        (json!({"num_images": 0}), 422),
+        (json!({"num_images": 11}), 422),
+        (json!({"num_inference_steps": 151}), 422),
+        (json!({"guidance_scale": "high"}), 422),
+        (json!({"strength": 1.5}), 422),
+        (json!({"scheduler": "Nope"}), 422),
+        (json!({"schedule_type": "weird"}), 422),
+        (json!({"output_format": "gif"}), 422),
+        (json!({"model": lora_less}), 422),
+        (json!({"model": "../../etc/passwd"}), 422),
+        (json!({"prompt": "x".repeat(10_001)}), 422),
+        (json!({"init_image": "data:image/png;base64,@@@"}), 422),
+        (json!({"init_image": png_8k}), 422),
+        (json!({"init_image": "data:image/png;base64,aGVsbG8="}), 422),
+        (json!({"mask": "data:image/png;base64,aGVsbG8="}), 422),
+        (json!({"callback_url": "http://127.0.0.1:9/cb"}), 422),
+        (json!({"callback_url": "http://169.254.169.254/"}), 422),
+        (json!({"callback_url": "file:///etc/passwd"}), 422),
+        (
+            json!({"loras": [{"sha256": lora_less, "weight": 1.0}]}),
+            422,
+        ),
+        (json!({"prompt": "a <lora:missing:1> cat"}), 422),
+        (json!({"seed": -5}), 422),
+    ];
+    for (extra, want) in cases {
+        let (status, r) = s.post_json("/api/v1/tasks", &body(extra.clone())).await;
+        assert_eq!(status, want, "{extra} → {r}");
+        assert!(r["detail"].is_array() || r["detail"].is_string(), "{r}");
+    }
+    let (status, r) = s.post_json("/api/v1/tasks", &json!({"width": 64})).await;
+    assert_eq!(status, 422, "missing prompt: {r}");
+    assert_eq!(r["detail"][0]["type"], "missing");
+    let r = s
+        .client
+        .post(s.url("/api/v1/tasks"))
+        .header("content-type", "text/plain")
+        .body(r#"{"prompt":"x"}"#)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 415);
+    let (_, list) = s.get_json("/api/v1/tasks").await;
+    assert_eq!(list["total"], 0, "nothing was queued: {list}");
+    assert!(
+        std::fs::read_dir(s.server.state.inputs_dir())
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 0
+    );
+}
+
+#[tokio::test]
+async fn callback_is_retried_after_500_and_delivered() {
+    use axum::routing::post;
+    let hits: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let h2 = hits.clone();
+    let app = axum::Router::new().route(
+        "/cb",
+        post(move |axum::Json(v): axum::Json<Value>| {
+            let hits = h2.clone();
+            async move {
+                let mut h = hits.lock().expect("lock");
+                h.push(v);
+                if h.len() == 1 {
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    axum::http::StatusCode::OK
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let cb = format!("http://{}/cb", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let s = server_with_models(&[1], |c| c.network.allow_private_targets = true).await;
+    let id = submit(&s, json!({"callback_url": cb})).await;
+    wait_status(&s, &id, &["completed"]).await;
+    for _ in 0..100 {
+        if hits.lock().expect("lock").len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let hits = hits.lock().expect("lock").clone();
+    assert_eq!(hits.len(), 2, "one 500, then one success: {hits:?}");
+    assert_eq!(hits[1]["task_id"], id.as_str());
+    assert_eq!(hits[1]["status"], "completed");
+    assert!(hits[1]["image_url"]
+        .as_str()
+        .unwrap_or("")
+        .contains("/api/v1/images/"));
+}
+
+#[test]
+fn restart_requeues_a_task_interrupted_mid_run() {
+    let dir = data_dir_with_models(&[1]);
+    let data = dir.path().join("data");
+    // First server: a real process, killed (SIGKILL) while the task runs.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sd-host"))
+        .args(["serve", "--port", "0", "--data-dir"])
+        .arg(&data)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn sd-host");
+    let mut line = String::new();
+    {
+        use std::io::BufRead;
+        let out = child.stdout.take().expect("stdout");
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .expect("read");
+    }
+    let base = line.trim().rsplit(' ').next().expect("url").to_string();
+    assert!(base.starts_with("http://127.0.0.1:"), "{line}");
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let client = reqwest::Client::new();
+    let id = rt.block_on(async {
+        let r: Value = client
+            .post(format!("{base}/api/v1/tasks"))
+            .json(&body(
+                json!({"num_inference_steps": 150, "width": 128, "height": 128, "num_images": 10}),
+            ))
+            .send()
+            .await
+            .expect("post")
+            .json()
+            .await
+            .expect("json");
+        let id = r["task_id"].as_str().expect("id").to_string();
+        for _ in 0..600 {
+            let t: Value = client
+                .get(format!("{base}/api/v1/tasks/{id}"))
+                .send()
+                .await
+                .expect("get")
+                .json()
+                .await
+                .expect("json");
+            if t["status"] == "processing" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        id
+    });
+    child.kill().expect("kill");
+    let _ = child.wait();
+
+    rt.block_on(async {
+        let s = TestServer::start_in(dir, |_| {}).await;
+        let t = task(&s, &id).await;
+        assert!(
+            t["status"] == "pending" || t["status"] == "processing",
+            "re-queued after the crash: {t}"
+        );
+        let rec = s
+            .server
+            .state
+            .repo
+            .get_task(&id)
+            .await
+            .expect("db")
+            .expect("row");
+        assert!(rec.attempts >= 1);
+        // Cancel the long task; the point is that it came back, not that it finishes.
+        s.client
+            .delete(s.url(&format!("/api/v1/tasks/{id}")))
+            .send()
+            .await
+            .expect("del");
+        let t = wait_status(&s, &id, &["cancelled", "completed", "failed"]).await;
+        assert_eq!(t["status"], "cancelled");
+        let _ = Path::new(&data);
+    });
+}
+
+#[tokio::test]
+async fn queue_stream_sends_snapshots() {
+    let s = server_with_models(&[1], |_| {}).await;
+    s.post_json("/api/v1/queue/pause", &json!({})).await;
+    let url = s.url("/api/v1/tasks/queue");
+    let client = s.client.clone();
+    // Ends at the first snapshot after the initial one (the one the submission causes).
+    let reader = tokio::spawn(async move {
+        let mut n = 0;
+        sse(&client, &url, None, move |_| {
+            n += 1;
+            n >= 2
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let id = submit(&s, json!({})).await;
+    let events = reader.await.expect("reader");
+    assert!(events.iter().all(|e| e.1 == "snapshot"));
+    assert_eq!(events[0].2["paused"], true);
+    let last = &events.last().expect("event").2;
+    assert_eq!(last["pending"][0]["task_id"], id.as_str(), "{last}");
+    assert_eq!(last["pending"][0]["position"], 1);
+}
+
+#[tokio::test]
+async fn engine_failure_fails_the_task_and_the_queue_goes_on() {
+    let s = server_with_models(&[1, 2], |_| {}).await;
+    let m = checkpoints(&s).await;
+    let broken = s
+        .server
+        .state
+        .repo
+        .get_model(&m[0])
+        .await
+        .expect("db")
+        .expect("row");
+    // The file goes bad after it was registered (disk corruption, partial copy).
+    std::fs::write(
+        broken.path.as_deref().expect("path"),
+        b"not a safetensors file",
+    )
+    .expect("write");
+    s.post_json("/api/v1/queue/pause", &json!({})).await;
+    let bad = submit(&s, json!({"model": m[0]})).await;
+    let good = submit(&s, json!({"model": m[1]})).await;
+    s.post_json("/api/v1/queue/resume", &json!({})).await;
+    let t = wait_status(&s, &bad, &["failed", "completed"]).await;
+    assert_eq!(t["status"], "failed");
+    assert!(
+        t["error_message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("loading checkpoint"),
+        "{t}"
+    );
+    assert_eq!(
+        wait_status(&s, &good, &["failed", "completed"]).await["status"],
+        "completed"
+    );
+}
