@@ -1,4 +1,10 @@
-//! The image library: share links now; store/metadata/query logic lands here with the images issue.
+//! The image library: encoding with A1111-compatible metadata, the content-addressed store, thumbnails,
+//! share links and the orphan sweep.
 
+pub mod infotext;
+pub mod metadata;
 pub mod share;
 pub mod store;
+
+pub use infotext::{infotext, parse_infotext};
+pub use metadata::read_png_parameters;

@@ -69,32 +69,80 @@ pub fn normalise_format(f: &str) -> &'static str {
     }
 }
 
-/// The one encoder for generated images (server and `sd-host generate`).
+/// The parameters written into the file: `params`, completed from the struct's own fields.
+pub fn file_params(img: &GeneratedImage) -> serde_json::Value {
+    let mut p = match &img.params {
+        serde_json::Value::Object(m) => m.clone(),
+        _ => serde_json::Map::new(),
+    };
+    let mut fill = |k: &str, v: serde_json::Value| {
+        if p.get(k).is_none_or(serde_json::Value::is_null) {
+            p.insert(k.to_string(), v);
+        }
+    };
+    fill("prompt", img.prompt.clone().into());
+    fill("negative_prompt", img.negative_prompt.clone().into());
+    fill("seed", img.seed.into());
+    fill("num_inference_steps", img.steps.into());
+    fill("guidance_scale", img.guidance_scale.into());
+    fill("scheduler", img.scheduler.clone().into());
+    fill("width", img.rgb.width.into());
+    fill("height", img.rgb.height.into());
+    if let Some(m) = &img.model {
+        fill("model", m.clone().into());
+    }
+    serde_json::Value::Object(p)
+}
+
+/// The one encoder for generated images (server and `sd-host generate`): PNG with `parameters` (A1111
+/// infotext) and `sd-host` (JSON) text chunks; JPEG/WebP with the infotext as EXIF UserComment.
 pub fn encode_image(img: &GeneratedImage) -> ApiResult<Vec<u8>> {
     use image::ImageEncoder;
+    let params = file_params(img);
+    let info = super::infotext::infotext(&params);
     let mut out = Vec::new();
     let (w, h) = (img.rgb.width, img.rgb.height);
-    let res = match normalise_format(&img.format) {
-        "jpeg" => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 92).write_image(
-            &img.rgb.data,
-            w,
-            h,
-            image::ExtendedColorType::Rgb8,
-        ),
-        "webp" => image::codecs::webp::WebPEncoder::new_lossless(&mut out).write_image(
-            &img.rgb.data,
-            w,
-            h,
-            image::ExtendedColorType::Rgb8,
-        ),
-        _ => image::codecs::png::PngEncoder::new(&mut out).write_image(
-            &img.rgb.data,
-            w,
-            h,
-            image::ExtendedColorType::Rgb8,
-        ),
-    };
-    res.map_err(ApiError::internal)?;
+    if img.rgb.data.len() != (w as usize) * (h as usize) * 3 {
+        return Err(ApiError::internal("image buffer does not match its size"));
+    }
+    match normalise_format(&img.format) {
+        "jpeg" => {
+            let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 92);
+            enc.set_exif_metadata(super::metadata::exif_user_comment(&info))
+                .map_err(ApiError::internal)?;
+            enc.write_image(&img.rgb.data, w, h, image::ExtendedColorType::Rgb8)
+                .map_err(ApiError::internal)?;
+        }
+        "webp" => {
+            let mut enc = image::codecs::webp::WebPEncoder::new_lossless(&mut out);
+            enc.set_exif_metadata(super::metadata::exif_user_comment(&info))
+                .map_err(ApiError::internal)?;
+            enc.write_image(&img.rgb.data, w, h, image::ExtendedColorType::Rgb8)
+                .map_err(ApiError::internal)?;
+        }
+        _ => {
+            let mut enc = png::Encoder::new(&mut out, w, h);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            for (key, text) in [
+                (super::metadata::PNG_PARAMETERS_KEY, info),
+                (super::metadata::PNG_SDHOST_KEY, params.to_string()),
+            ] {
+                // PIL's rule: tEXt when the text is Latin-1, otherwise UTF-8 iTXt.
+                if super::metadata::is_latin1(&text) {
+                    enc.add_text_chunk(key.to_string(), text)
+                } else {
+                    enc.add_itxt_chunk(key.to_string(), text)
+                }
+                .map_err(ApiError::internal)?;
+            }
+            let mut writer = enc.write_header().map_err(ApiError::internal)?;
+            writer
+                .write_image_data(&img.rgb.data)
+                .map_err(ApiError::internal)?;
+            writer.finish().map_err(ApiError::internal)?;
+        }
+    }
     Ok(out)
 }
 
