@@ -5,6 +5,7 @@ pub mod infotext;
 pub mod metadata;
 pub mod share;
 pub mod store;
+pub mod thumbs;
 
 pub use infotext::{infotext, parse_infotext};
 pub use metadata::read_png_parameters;

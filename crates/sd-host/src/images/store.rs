@@ -26,11 +26,16 @@ pub struct GeneratedImage {
     pub attributes: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Serialises "blob + row" writes against deletes and the orphan sweep in this process, so a delete or a
+/// sweep never removes a blob that a concurrent store of identical bytes is about to point a row at.
+static STORE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Encodes and stores one image; returns its record. The row is written only after the blob is durable.
 pub async fn store_generated(state: &AppState, img: GeneratedImage) -> ApiResult<ImageRecord> {
     let (w, h) = (img.rgb.width, img.rgb.height);
     let encoded = encode_image(&img)?;
     let bytes_len = encoded.len() as i64;
+    let guard = STORE_LOCK.lock().await;
     let hash = state
         .blobs
         .put(Bytes::from(encoded))
@@ -54,11 +59,99 @@ pub async fn store_generated(state: &AppState, img: GeneratedImage) -> ApiResult
         params: Some(img.params.clone()),
     };
     state.repo.insert_image(&record, &img.attributes).await?;
+    drop(guard);
     state
         .metrics
         .images_stored
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    state.events.publish(
+        "gallery",
+        "image",
+        serde_json::json!({
+            "hash": record.hash,
+            "url": state.image_url(&record.hash),
+            "thumbnail_url": thumbnail_url(state, &record.hash),
+            "task_id": record.task_id,
+        }),
+        false,
+    );
     Ok(record)
+}
+
+pub fn thumbnail_url(state: &AppState, hash: &str) -> String {
+    format!("{}/thumbnail", state.image_url(hash))
+}
+
+/// Deletes rows first, then blobs and cached thumbnails, so no row ever points at a missing blob.
+/// Returns (deleted, not_found). Ids must already be validated.
+pub async fn delete_images(
+    state: &AppState,
+    hashes: &[String],
+) -> ApiResult<(Vec<String>, Vec<String>)> {
+    let _guard = STORE_LOCK.lock().await;
+    let deleted = state.repo.delete_images(hashes).await?;
+    for h in &deleted {
+        if let Err(e) = state.blobs.delete(h).await {
+            // The row is gone; the sweep removes the blob later.
+            tracing::warn!(hash = %h, error = %e, "deleting image blob failed");
+        }
+        super::thumbs::remove_cached(state, h).await;
+    }
+    let not_found = hashes
+        .iter()
+        .filter(|h| !deleted.contains(h))
+        .cloned()
+        .collect();
+    Ok((deleted, not_found))
+}
+
+/// Removes blobs that have no database row (a crash between blob write and row insert, or a failed delete).
+/// `min_age` spares blobs younger than that (another process may be between its two writes).
+pub async fn sweep_orphans(state: &AppState, min_age: std::time::Duration) -> ApiResult<usize> {
+    let _guard = STORE_LOCK.lock().await;
+    let blobs = state
+        .blobs
+        .list_with_age()
+        .await
+        .map_err(ApiError::internal)?;
+    let names: Vec<String> = blobs.iter().map(|(h, _)| h.clone()).collect();
+    let known = state.repo.existing_images(&names).await?;
+    let mut removed = 0;
+    for (hash, age) in blobs {
+        if known.contains(&hash) || age < min_age {
+            continue;
+        }
+        match state.blobs.delete(&hash).await {
+            Ok(()) => {
+                removed += 1;
+                super::thumbs::remove_cached(state, &hash).await;
+            }
+            Err(e) => tracing::warn!(hash = %hash, error = %e, "sweep: deleting orphan failed"),
+        }
+    }
+    if removed > 0 {
+        tracing::info!(removed, "sweep removed image blobs without a database row");
+    }
+    Ok(removed)
+}
+
+/// Startup sweep, then one every `period` (call once from server startup).
+pub fn spawn_sweeper(state: &AppState, period: std::time::Duration) {
+    let state = state.clone();
+    tokio::spawn(async move {
+        if let Err(e) = sweep_orphans(&state, std::time::Duration::ZERO).await {
+            tracing::warn!(error = %e, "startup image sweep failed");
+        }
+        let mut tick = tokio::time::interval(period);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            // A grace period: another process sharing the store may be between blob and row.
+            if let Err(e) = sweep_orphans(&state, std::time::Duration::from_secs(600)).await {
+                tracing::warn!(error = %e, "periodic image sweep failed");
+            }
+        }
+    });
 }
 
 pub fn normalise_format(f: &str) -> &'static str {

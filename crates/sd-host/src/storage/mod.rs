@@ -69,6 +69,24 @@ impl BlobStore {
         Ok(ObjectPath::from(format!("{}/{}", &hash[..2], hash)))
     }
 
+    /// Local backend: a blob is only a regular file in a real shard directory. A symlink planted in the
+    /// store (for the file or its shard) is treated as absent, so it can never lead outside the root.
+    fn check_local(&self, hash: &str) -> StorageResult<()> {
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
+        let key = Self::key(hash)?;
+        let shard = root.join(&hash[..2]);
+        let file = root.join(key.as_ref());
+        let real_dir = std::fs::symlink_metadata(&shard).is_ok_and(|m| m.is_dir());
+        let real_file = std::fs::symlink_metadata(&file).is_ok_and(|m| m.is_file());
+        if real_dir && real_file {
+            Ok(())
+        } else {
+            Err(StorageError::NotFound)
+        }
+    }
+
     /// Stores `bytes` under their SHA-256 and returns it. Identical bytes are stored once.
     pub async fn put(&self, bytes: Bytes) -> StorageResult<String> {
         let hash = sha256_hex(&bytes);
@@ -78,6 +96,14 @@ impl BlobStore {
         }
         match &self.local_root {
             Some(root) => {
+                let shard = root.join(&hash[..2]);
+                if std::fs::symlink_metadata(&shard).is_ok_and(|m| !m.is_dir()) {
+                    // Never write through a link planted in place of a shard directory.
+                    return Err(StorageError::Io(std::io::Error::other(format!(
+                        "{} is not a directory",
+                        shard.display()
+                    ))));
+                }
                 let root = root.clone();
                 let key_str = key.to_string();
                 tokio::task::spawn_blocking(move || {
@@ -94,6 +120,11 @@ impl BlobStore {
     }
 
     pub async fn exists(&self, hash: &str) -> StorageResult<bool> {
+        match self.check_local(hash) {
+            Err(StorageError::NotFound) => return Ok(false),
+            Err(e) => return Err(e),
+            Ok(()) => {}
+        }
         match self.store.head(&Self::key(hash)?).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -102,6 +133,7 @@ impl BlobStore {
     }
 
     pub async fn get(&self, hash: &str) -> StorageResult<Bytes> {
+        self.check_local(hash)?;
         match self.store.get(&Self::key(hash)?).await {
             Ok(r) => Ok(r.bytes().await?),
             Err(object_store::Error::NotFound { .. }) => Err(StorageError::NotFound),
@@ -110,6 +142,7 @@ impl BlobStore {
     }
 
     pub async fn get_range(&self, hash: &str, range: Range<u64>) -> StorageResult<Bytes> {
+        self.check_local(hash)?;
         match self.store.get_range(&Self::key(hash)?, range).await {
             Ok(b) => Ok(b),
             Err(object_store::Error::NotFound { .. }) => Err(StorageError::NotFound),
@@ -118,6 +151,7 @@ impl BlobStore {
     }
 
     pub async fn size(&self, hash: &str) -> StorageResult<u64> {
+        self.check_local(hash)?;
         match self.store.head(&Self::key(hash)?).await {
             Ok(m) => Ok(m.size),
             Err(object_store::Error::NotFound { .. }) => Err(StorageError::NotFound),
@@ -130,6 +164,24 @@ impl BlobStore {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Every stored blob id with its age (for the orphan sweep). Entries that are not ours are skipped.
+    pub async fn list_with_age(&self) -> StorageResult<Vec<(String, std::time::Duration)>> {
+        let metas: Vec<_> = self.store.list(None).try_collect().await?;
+        let now = chrono::Utc::now();
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| {
+                let name = m.location.filename()?.to_string();
+                // Only `ab/<hash>` entries are blobs; temp files and anything planted elsewhere are not.
+                let expected = format!("{}/{}", name.get(..2)?, name);
+                (is_sha256_hex(&name) && m.location.as_ref() == expected).then(|| {
+                    let age = (now - m.last_modified).to_std().unwrap_or_default();
+                    (name, age)
+                })
+            })
+            .collect())
     }
 
     /// Every stored blob id (for the orphan sweep). Entries that are not ours are skipped.
