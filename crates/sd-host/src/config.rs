@@ -102,17 +102,11 @@ impl Default for ApiConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// `sqlite://PATH`; `None` = `<data_dir>/sd-host.db`. May hold a password (postgres), so secret.
     pub url: Option<Secret>,
-}
-
-impl Default for DatabaseConfig {
-    fn default() -> Self {
-        Self { url: None }
-    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

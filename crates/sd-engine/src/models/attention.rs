@@ -254,7 +254,7 @@ pub mod fused {
         };
         // The last element must be inside the storage (so slicing below cannot fail).
         let last = v.off + (dims[0] - 1) * st[0] + (dims[1] - 1) * st[1] + (dims[2] - 1) * st[2];
-        if dims.iter().any(|&n| n == 0) || last + dims[3] > data.len() {
+        if dims.contains(&0) || last + dims[3] > data.len() {
             candle_core::bail!("fused attention: {what} view {dims:?}/{st:?} outside its storage");
         }
         Ok((data, v))

@@ -47,6 +47,8 @@ pub struct Queue {
     paused: watch::Sender<bool>,
     wake: Notify,
     running: Mutex<Option<RunningTask>>,
+    /// Cancels that arrived after a task was picked but before it started running.
+    early_cancels: Mutex<std::collections::HashSet<String>>,
     /// Held while a task runs; pipeline commands (load-checkpoint, load-loras) wait behind it.
     pub engine_lock: tokio::sync::Mutex<()>,
 }
@@ -78,6 +80,7 @@ impl QueueHandle {
             paused: watch::channel(false).0,
             wake: Notify::new(),
             running: Mutex::new(None),
+            early_cancels: Mutex::default(),
             engine_lock: tokio::sync::Mutex::new(()),
         }))
     }
@@ -158,7 +161,22 @@ impl QueueHandle {
                     Ok(Some(self.cancel_running(Some(id))))
                 }
             }
-            TaskStatus::Processing => Ok(Some(self.cancel_running(Some(id)) || true)),
+            TaskStatus::Processing => {
+                // Both locks, in run_task's order, so a cancel cannot slip between its two steps.
+                let running = self.running_lock();
+                match running.as_ref() {
+                    Some(r) if r.info.task_id == id => r.cancel.store(true, Ordering::Relaxed),
+                    // Picked but not started yet: run_task takes this before the first step.
+                    _ => {
+                        self.0
+                            .early_cancels
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(id.to_string());
+                    }
+                }
+                Ok(Some(true))
+            }
             _ => Ok(Some(false)),
         }
     }
@@ -263,24 +281,34 @@ impl QueueHandle {
     async fn run_task(&self, state: &AppState, task: TaskRecord) {
         let _engine = self.0.engine_lock.lock().await;
         let started = Instant::now();
-        let cancel = Arc::new(AtomicBool::new(false));
         let params: Result<TaskParams, _> = serde_json::from_value(task.params.clone());
         let (steps, n) = params
             .as_ref()
             .map(|p| (effective_steps(p), p.num_images))
             .unwrap_or((0, 1));
-        *self.running_lock() = Some(RunningTask {
-            info: RunningInfo {
-                task_id: task.id.clone(),
-                step: 0,
-                total_steps: steps,
-                image_index: 0,
-                num_images: n,
-                preview_jpeg: None,
-                started,
-            },
-            cancel: cancel.clone(),
-        });
+        let cancel = {
+            let mut running = self.running_lock();
+            let early = self
+                .0
+                .early_cancels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&task.id);
+            let cancel = Arc::new(AtomicBool::new(early));
+            *running = Some(RunningTask {
+                info: RunningInfo {
+                    task_id: task.id.clone(),
+                    step: 0,
+                    total_steps: steps,
+                    image_index: 0,
+                    num_images: n,
+                    preview_jpeg: None,
+                    started,
+                },
+                cancel: cancel.clone(),
+            });
+            cancel
+        };
         state.metrics.queue_running.store(1, Ordering::Relaxed);
         self.publish_snapshot(state);
         let topic = task_topic(&task.id);
