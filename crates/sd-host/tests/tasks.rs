@@ -670,3 +670,105 @@ async fn engine_failure_fails_the_task_and_the_queue_goes_on() {
         "completed"
     );
 }
+
+#[tokio::test]
+async fn loras_from_the_request_and_from_prompt_tags_are_applied_exactly() {
+    let dir = data_dir_with_models(&[1]);
+    let models = dir.path().join("data/models");
+    sd_engine::tiny::write_tiny_lora(
+        &models.join("tiny1.safetensors"),
+        sd_engine::lora::LoraKind::Lora,
+        3,
+        &models.join("grain.safetensors"),
+    )
+    .expect("tiny lora");
+    // A LoRA for another family must be refused at submit.
+    sd_engine::tiny::write_tiny_checkpoint(
+        sd_engine::Family::Sdxl,
+        false,
+        1,
+        &dir.path().join("xl.safetensors"),
+    )
+    .expect("xl");
+    sd_engine::tiny::write_tiny_lora(
+        &dir.path().join("xl.safetensors"),
+        sd_engine::lora::LoraKind::Lokr,
+        3,
+        &models.join("xl_lora.safetensors"),
+    )
+    .expect("xl lora");
+    let s = TestServer::start_in(dir, |_| {}).await;
+    let all = s
+        .server
+        .state
+        .repo
+        .list_models(&Default::default())
+        .await
+        .expect("models");
+    let lora = all
+        .iter()
+        .find(|m| m.filename == "grain.safetensors")
+        .expect("lora registered");
+    // Tiny widths do not name a family (real ones do: 768/1024/2048 context); the engine checks at apply.
+    assert_eq!(lora.model_type, "lora");
+    let xl = all
+        .iter()
+        .find(|m| m.filename == "xl_lora.safetensors")
+        .expect("xl lora");
+    let ckpt = all
+        .iter()
+        .find(|m| m.filename == "tiny1.safetensors")
+        .expect("ckpt");
+
+    let run = |extra: Value| {
+        let s = &s;
+        async move {
+            let id = submit(s, extra).await;
+            let t = wait_status(s, &id, &["completed", "failed"]).await;
+            assert_eq!(t["status"], "completed", "{t}");
+            let hash = t["images"][0]["hash"].as_str().expect("hash").to_string();
+            // Pixels, not file hashes: the metadata inside the file names the LoRAs.
+            let bytes = s.server.state.blobs.get(&hash).await.expect("blob");
+            image::load_from_memory(&bytes)
+                .expect("png")
+                .to_rgb8()
+                .into_raw()
+        }
+    };
+    let plain = run(json!({})).await;
+    let with_api = run(json!({"loras": [{"sha256": lora.sha256, "weight": 1.0}]})).await;
+    let with_tag = run(json!({"prompt": "a red (cat:1.2) <lora:grain:1>"})).await;
+    let back = run(json!({})).await;
+    let zero = run(json!({"loras": [{"id": lora.sha256, "weight": 0.0}]})).await;
+    assert_ne!(plain, with_api, "a LoRA at weight 1 changes the image");
+    assert_eq!(
+        back, plain,
+        "removing the LoRA restores the checkpoint bit for bit"
+    );
+    assert_eq!(zero, plain, "weight 0 is no LoRA");
+    // The tag is removed from the engine prompt; the stored prompt keeps it (as A1111's infotext does).
+    let (_, list) = s
+        .get_json("/api/v1/tasks?status=completed&per_page=10")
+        .await;
+    let tagged = list["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .find(|t| {
+            t["params"]["prompt"]
+                .as_str()
+                .unwrap_or("")
+                .contains("<lora:grain:1>")
+        })
+        .expect("tagged task");
+    assert_eq!(tagged["params"]["loras"][0]["sha256"], lora.sha256.as_str());
+    assert_ne!(with_tag, plain);
+    let (status, r) = s
+        .post_json(
+            "/api/v1/tasks",
+            &body(json!({"model": ckpt.sha256, "loras": [{"sha256": xl.sha256}]})),
+        )
+        .await;
+    assert_eq!(status, 422, "{r}");
+    assert!(r.to_string().contains("sdxl"), "{r}");
+}
