@@ -23,6 +23,8 @@ impl RunningServer {
 
     /// Graceful stop: in-flight requests finish, then the task ends.
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        // Downloads keep their `.part` and `downloading` status and resume at the next start.
+        self.state.downloads.shutdown();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -83,6 +85,10 @@ async fn startup(state: &AppState) -> anyhow::Result<()> {
     if state.config.models.scan_on_start {
         let found = crate::models::library::scan(&state.repo, &state.config.models_dir()).await?;
         tracing::info!(models = found.len(), "model library scanned");
+    }
+    let resumed = crate::models::download::resume_all(&state.into()).await?;
+    if resumed > 0 {
+        tracing::info!(resumed, "resuming interrupted model downloads");
     }
     state.queue.start(state.clone());
     Ok(())

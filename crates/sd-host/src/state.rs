@@ -29,6 +29,8 @@ pub struct AppState {
     pub engine: EngineHandle,
     pub queue: QueueHandle,
     pub events: EventHub,
+    /// Model downloads running in this process (one per sha256).
+    pub downloads: crate::models::download::Downloads,
     /// `server.public_url`, or `http://<bound address>`: prefix of absolute URLs (callbacks).
     pub base_url: Arc<String>,
 }
@@ -68,6 +70,7 @@ impl AppState {
             engine,
             queue: QueueHandle::new(),
             events: EventHub::default(),
+            downloads: Default::default(),
             base_url: Arc::new(base_url),
         })
     }

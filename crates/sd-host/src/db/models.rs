@@ -30,6 +30,9 @@ pub struct ModelRecord {
     #[schema(value_type = Object)]
     pub source: Option<serde_json::Value>,
     pub error: Option<String>,
+    /// Download resume state (`{url, validator, ...}`); internal, never sent to clients.
+    #[serde(skip)]
+    pub download: Option<serde_json::Value>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -55,6 +58,7 @@ impl ModelRecord {
             status: status.to_string(),
             source: None,
             error: None,
+            download: None,
             created_at: now,
             updated_at: now,
         }
@@ -67,6 +71,8 @@ pub struct ModelFilter {
     pub family: Option<String>,
     /// Substring of name or filename (case-insensitive).
     pub q: Option<String>,
+    /// ready | downloading | verifying | failed
+    pub status: Option<String>,
 }
 
 #[async_trait]
@@ -76,6 +82,15 @@ pub trait ModelRepo: Send + Sync {
     async fn get_model(&self, sha256: &str) -> DbResult<Option<ModelRecord>>;
     async fn list_models(&self, f: &ModelFilter) -> DbResult<Vec<ModelRecord>>;
     async fn delete_model(&self, sha256: &str) -> DbResult<bool>;
+    /// Inserts `m` unless a record with its sha256 exists; true if inserted (race-free claim).
+    async fn insert_model_if_absent(&self, m: &ModelRecord) -> DbResult<bool>;
+    /// Sets status and error only (progress updates must not clobber other fields).
+    async fn set_model_status(
+        &self,
+        sha256: &str,
+        status: &str,
+        error: Option<&str>,
+    ) -> DbResult<bool>;
 }
 
 type Row = (
@@ -91,11 +106,12 @@ type Row = (
     String,
     Option<String>,
     Option<String>,
+    Option<String>,
     i64,
     i64,
 );
 
-const COLS: &str = "sha256, short_hash, name, filename, path, model_type, family, size_bytes, mtime_ms, status, source, error, created_at, updated_at";
+const COLS: &str = "sha256, short_hash, name, filename, path, model_type, family, size_bytes, mtime_ms, status, source, error, download, created_at, updated_at";
 
 fn from_row(r: Row) -> ModelRecord {
     ModelRecord {
@@ -111,22 +127,17 @@ fn from_row(r: Row) -> ModelRecord {
         status: r.9,
         source: r.10.and_then(|s| serde_json::from_str(&s).ok()),
         error: r.11,
-        created_at: r.12,
-        updated_at: r.13,
+        download: r.12.and_then(|s| serde_json::from_str(&s).ok()),
+        created_at: r.13,
+        updated_at: r.14,
     }
 }
 
-#[async_trait]
-impl ModelRepo for SqliteRepo {
-    async fn upsert_model(&self, m: &ModelRecord) -> DbResult<()> {
-        sqlx::query(&format!(
-            "INSERT INTO models ({COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) \
-             ON CONFLICT (sha256) DO UPDATE SET short_hash=excluded.short_hash, name=excluded.name, \
-             filename=excluded.filename, path=excluded.path, model_type=excluded.model_type, \
-             family=excluded.family, size_bytes=excluded.size_bytes, mtime_ms=excluded.mtime_ms, \
-             status=excluded.status, source=excluded.source, error=excluded.error, updated_at=excluded.updated_at"
-        ))
-        .bind(&m.sha256)
+type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+/// Binds every column of `COLS` in order.
+fn bind_all<'q>(q: Query<'q>, m: &'q ModelRecord) -> Query<'q> {
+    q.bind(&m.sha256)
         .bind(&m.short_hash)
         .bind(&m.name)
         .bind(&m.filename)
@@ -138,11 +149,58 @@ impl ModelRepo for SqliteRepo {
         .bind(&m.status)
         .bind(m.source.as_ref().map(|v| v.to_string()))
         .bind(&m.error)
+        .bind(m.download.as_ref().map(|v| v.to_string()))
         .bind(m.created_at)
         .bind(now_ms())
+}
+
+#[async_trait]
+impl ModelRepo for SqliteRepo {
+    async fn upsert_model(&self, m: &ModelRecord) -> DbResult<()> {
+        bind_all(
+            sqlx::query(&format!(
+                "INSERT INTO models ({COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) \
+             ON CONFLICT (sha256) DO UPDATE SET short_hash=excluded.short_hash, name=excluded.name, \
+             filename=excluded.filename, path=excluded.path, model_type=excluded.model_type, \
+             family=excluded.family, size_bytes=excluded.size_bytes, mtime_ms=excluded.mtime_ms, \
+             status=excluded.status, source=excluded.source, error=excluded.error, \
+             download=excluded.download, updated_at=excluded.updated_at"
+            )),
+            m,
+        )
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn insert_model_if_absent(&self, m: &ModelRecord) -> DbResult<bool> {
+        let r = bind_all(
+            sqlx::query(&format!(
+                "INSERT INTO models ({COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) \
+                 ON CONFLICT (sha256) DO NOTHING"
+            )),
+            m,
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn set_model_status(
+        &self,
+        sha256: &str,
+        status: &str,
+        error: Option<&str>,
+    ) -> DbResult<bool> {
+        let r =
+            sqlx::query("UPDATE models SET status = ?, error = ?, updated_at = ? WHERE sha256 = ?")
+                .bind(status)
+                .bind(error)
+                .bind(now_ms())
+                .bind(sha256)
+                .execute(&self.pool)
+                .await?;
+        Ok(r.rows_affected() > 0)
     }
 
     async fn get_model(&self, sha256: &str) -> DbResult<Option<ModelRecord>> {
@@ -158,7 +216,7 @@ impl ModelRepo for SqliteRepo {
         let like = f.q.as_ref().map(|q| format!("%{}%", q.to_lowercase()));
         let rows: Vec<Row> = sqlx::query_as(&format!(
             "SELECT {COLS} FROM models WHERE (? IS NULL OR model_type = ?) AND (? IS NULL OR family = ?) \
-             AND (? IS NULL OR lower(name) LIKE ? OR lower(filename) LIKE ?) ORDER BY created_at DESC, sha256"
+             AND (? IS NULL OR lower(name) LIKE ? OR lower(filename) LIKE ?) AND (? IS NULL OR status = ?) ORDER BY created_at DESC, sha256"
         ))
         .bind(&f.model_type)
         .bind(&f.model_type)
@@ -167,6 +225,8 @@ impl ModelRepo for SqliteRepo {
         .bind(&like)
         .bind(&like)
         .bind(&like)
+        .bind(&f.status)
+        .bind(&f.status)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(from_row).collect())
