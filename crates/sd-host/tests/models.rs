@@ -1133,3 +1133,65 @@ async fn private_targets_refused_unless_allowed() {
     );
     assert_eq!(fake.downloads(), 0);
 }
+
+/// Hashing throughput against `sha256sum` on the same (page-cached) file. Ignored by default; run
+/// with `cargo test -p sd-host --test models -- --ignored --nocapture hash_speed`.
+#[test]
+#[ignore]
+fn hash_speed_vs_sha256sum() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("big.bin");
+    let mib: usize = std::env::var("HASH_BENCH_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1024);
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&path).expect("create");
+        let block: Vec<u8> = (0..1 << 20)
+            .map(|i: u32| (i.wrapping_mul(31) >> 3) as u8)
+            .collect();
+        for i in 0..mib {
+            let mut b = block.clone();
+            b[0] = i as u8;
+            f.write_all(&b).expect("write");
+        }
+    }
+    let ours = || {
+        let t = std::time::Instant::now();
+        let h = sd_host::models::library::hash_file(&path).expect("hash");
+        (t.elapsed().as_secs_f64(), h)
+    };
+    let theirs = || {
+        let t = std::time::Instant::now();
+        let out = std::process::Command::new("sha256sum")
+            .arg(&path)
+            .output()
+            .expect("sha256sum runs");
+        let h = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        (t.elapsed().as_secs_f64(), h)
+    };
+    let _ = (ours(), theirs()); // warm the page cache
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let (ta, ha) = ours();
+        let (tb, hb) = theirs();
+        assert_eq!(ha, hb, "same digest as sha256sum");
+        a.push(ta);
+        b.push(tb);
+    }
+    a.sort_by(f64::total_cmp);
+    b.sort_by(f64::total_cmp);
+    let (ma, mb) = (a[2], b[2]);
+    let size = mib as f64;
+    println!(
+        "HASH_BENCH size_mib={mib} ours_s={ma:.3} ours_mib_s={:.0} sha256sum_s={mb:.3} sha256sum_mib_s={:.0} ratio={:.3}",
+        size / ma,
+        size / mb,
+        mb / ma
+    );
+}
