@@ -939,7 +939,7 @@ async fn models_of(state: &AppState, kind: &str) -> ApiResult<Vec<ModelRecord>> 
         })
         .await?;
     all.retain(|m| m.status == "ready");
-    all.sort_by(|a, b| a.name.to_lowercase().cmp(&b.name.to_lowercase()));
+    all.sort_by_key(|m| m.name.to_lowercase());
     Ok(all)
 }
 
@@ -1136,9 +1136,9 @@ async fn cmd_flags(State(state): State<AppState>) -> Json<Value> {
         "nowebui": false,
         "listen": listen,
         "port": c.server.port,
-        "use_cpu": if c.engine.device.to_string() == "cpu" { json!(["all"]) } else { json!([]) },
+        "use_cpu": if c.engine.device == "cpu" { json!(["all"]) } else { json!([]) },
         "precision": "autocast",
-        "no_half": c.engine.device.to_string() == "cpu",
+        "no_half": c.engine.device == "cpu",
         "xformers": false,
         "lowvram": false,
         "medvram": false,

@@ -417,7 +417,7 @@ async fn info(State(state): State<AppState>) -> ApiResult<Json<Value>> {
                 && (m.family == "unknown" || family == "unknown" || m.family == family)
         })
         .collect::<Vec<_>>();
-    loras.sort_by(|a, b| a.name.to_lowercase().cmp(&b.name.to_lowercase()));
+    loras.sort_by_key(|m| m.name.to_lowercase());
     Ok(Json(schema(&state, checkpoint.as_ref(), &family, &loras)))
 }
 
