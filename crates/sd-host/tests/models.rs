@@ -57,6 +57,8 @@ struct Fake {
     /// The next N storage responses send `cut_at` bytes then hang.
     stall_next: usize,
     cut_at: usize,
+    /// The next N ranged storage requests are answered 200 with the whole file (Range ignored).
+    ignore_range_next: usize,
     /// When set, storage responses send their first chunk, then wait for this gate.
     gate: Option<Arc<tokio::sync::Semaphore>>,
 }
@@ -135,7 +137,7 @@ async fn api_model(
     if vs.is_empty() {
         return StatusCode::NOT_FOUND.into_response();
     }
-    vs.sort_by(|a, b| b.id.cmp(&a.id)); // newest first, as Civitai lists them
+    vs.sort_by_key(|v| std::cmp::Reverse(v.id)); // newest first, as Civitai lists them
     let first = vs[0].clone();
     Json(json!({
         "id": id, "name": first.model_name, "type": first.civ_type,
@@ -209,7 +211,7 @@ async fn storage_file(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
-    let (v, cut, stall, cut_at, gate) = {
+    let (v, cut, stall, cut_at, gate, ignore_range) = {
         let mut g = st.lock().expect("lock");
         g.storage.push(StorageReq {
             auth: h("authorization"),
@@ -226,12 +228,16 @@ async fn storage_file(
         } else if stall {
             g.stall_next -= 1;
         }
-        (v, cut, stall, g.cut_at, g.gate.clone())
+        let ignore_range = h("range").is_some() && g.ignore_range_next > 0;
+        if ignore_range {
+            g.ignore_range_next -= 1;
+        }
+        (v, cut, stall, g.cut_at, g.gate.clone(), ignore_range)
     };
     let etag = format!("\"etag-{id}\"");
     let len = v.bytes.len();
     let mut start = 0usize;
-    if let Some(r) = h("range") {
+    if let Some(r) = h("range").filter(|_| !ignore_range) {
         let if_range_ok = h("if-range").is_none_or(|x| x == etag);
         if if_range_ok {
             start = r
@@ -1194,4 +1200,86 @@ fn hash_speed_vs_sha256sum() {
         size / mb,
         mb / ma
     );
+}
+
+#[tokio::test]
+async fn full_200_answer_to_a_range_request_restarts_from_zero() {
+    let fake = start_fake().await;
+    let v = lora_version(100, 10, 15);
+    fake.add(v.clone());
+    {
+        let mut g = fake.lock();
+        g.cut_next = 1;
+        g.cut_at = 250_000;
+        g.ignore_range_next = 1;
+    }
+    let ts = start_with_fake(&fake).await;
+    let (code, r) = post(
+        &ts,
+        "/api/v1/models/add-from-civitai",
+        json!({"model_version_id": 100}),
+    )
+    .await;
+    assert_eq!(code, 202, "{r}");
+    let sha = r["sha256"].as_str().expect("sha").to_string();
+    wait_status(&ts, &sha, "ready").await;
+    let reqs = fake.storage();
+    assert_eq!(reqs[1].range.as_deref(), Some("bytes=250000-"), "{reqs:?}");
+    // The 200 body was written from offset 0, not appended: the file verifies.
+    let file = models_dir(&ts).join("lora").join(&v.disposition_name);
+    assert_eq!(std::fs::read(file).expect("installed"), v.bytes);
+}
+
+#[tokio::test]
+async fn cli_add_civitai_list_and_delete() {
+    let fake = start_fake().await;
+    let v = lora_version(110, 11, 16);
+    fake.add(v.clone());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let run = |args: Vec<String>| {
+        let (base, data) = (fake.base_url.clone(), data.clone());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_sd-host"))
+                .arg("models")
+                .arg("--data-dir")
+                .arg(&data)
+                .args(&args)
+                .env("SDHOST__CIVITAI__BASE_URL", base)
+                .env("SDHOST__NETWORK__ALLOW_PRIVATE_TARGETS", "true")
+                .env_remove("SDHOST_CONFIG")
+                .output()
+                .expect("sd-host runs")
+        })
+    };
+    let sha = v.listed_sha.to_lowercase();
+    let out = run(vec![
+        "add-civitai".into(),
+        format!("https://civitai.com/models/11?modelVersionId=110"),
+    ])
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&sha));
+    let file = data.join("models").join("lora").join(&v.disposition_name);
+    assert_eq!(std::fs::read(&file).expect("installed"), v.bytes);
+    let out = run(vec!["list".into()]).await.expect("join");
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        listed.contains(&sha) && listed.contains("ready"),
+        "{listed}"
+    );
+    let out = run(vec!["delete".into(), sha.clone()]).await.expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!file.exists());
+    let out = run(vec!["delete".into(), sha.clone()]).await.expect("join");
+    assert_eq!(out.status.code(), Some(1), "deleting twice fails");
 }

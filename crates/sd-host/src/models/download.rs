@@ -335,7 +335,7 @@ async fn request(
     Err(DlError::Fatal("too many redirects".into()))
 }
 
-fn header<'a>(resp: &'a reqwest::Response, name: reqwest::header::HeaderName) -> Option<&'a str> {
+fn header(resp: &reqwest::Response, name: reqwest::header::HeaderName) -> Option<&str> {
     resp.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
