@@ -477,6 +477,20 @@ async fn attributes_merge_delete_and_query_with_several_filters() {
         ))
         .await;
     assert_eq!(r["total"], 9);
+    // Attribute + image-row filters + time bound: i%3==1, i even, i<1000 → i ≡ 4 (mod 6).
+    let (_, r) = s
+        .get_json(&format!(
+            "/api/v1/images?attr.project=p1&model={}&before={}&per_page=1",
+            &MODEL[..10],
+            base + 1000
+        ))
+        .await;
+    assert_eq!(r["total"], 166);
+    assert_eq!(r["images"][0]["seed"], 994);
+    let (_, r) = s
+        .get_json("/api/v1/images?attr.project=nope&attr.rating=1")
+        .await;
+    assert_eq!(r["total"], 0);
     let (_, r) = s
         .get_json("/api/v1/images?after=2023-11-14T22:13:20.100Z&per_page=1")
         .await;

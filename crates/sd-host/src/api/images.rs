@@ -452,11 +452,12 @@ async fn list_images(
     q.limit = per_page;
     q.offset = (page - 1).saturating_mul(per_page);
     let (rows, total) = state.repo.query_images(&q).await?;
-    let mut images = Vec::with_capacity(rows.len());
-    for r in &rows {
-        let attrs = state.repo.get_image_attributes(&r.hash).await?;
-        images.push(metadata_view(&state, r, attrs));
-    }
+    let hashes: Vec<String> = rows.iter().map(|r| r.hash.clone()).collect();
+    let mut attrs = state.repo.attributes_of(&hashes).await?;
+    let images: Vec<Value> = rows
+        .iter()
+        .map(|r| metadata_view(&state, r, attrs.remove(&r.hash).unwrap_or_default()))
+        .collect();
     Ok(Json(
         json!({"images": images, "total": total, "page": page, "per_page": per_page}),
     ))

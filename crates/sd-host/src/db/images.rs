@@ -4,7 +4,6 @@ use std::collections::HashSet;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use sqlx::Row as _;
 
 use super::sqlite::SqliteRepo;
 use super::DbResult;
@@ -55,6 +54,11 @@ pub trait ImageRepo: Send + Sync {
     ) -> DbResult<Option<serde_json::Map<String, serde_json::Value>>>;
     /// One page of matching images, newest first, and the number of matches.
     async fn query_images(&self, q: &ImageQuery) -> DbResult<(Vec<ImageRecord>, i64)>;
+    /// Attributes of several images at once (every hash asked for is a key).
+    async fn attributes_of(
+        &self,
+        hashes: &[String],
+    ) -> DbResult<std::collections::HashMap<String, serde_json::Map<String, serde_json::Value>>>;
     /// Removes the rows (and their attributes) of `hashes`; returns those that existed.
     async fn delete_images(&self, hashes: &[String]) -> DbResult<Vec<String>>;
     /// Which of `hashes` have a row (for the orphan sweep).
@@ -92,36 +96,52 @@ fn like_escape(s: &str) -> String {
     out
 }
 
-/// The WHERE clause of a query and its bind values, in order.
-fn where_clause(q: &ImageQuery) -> (String, Vec<String>) {
-    let mut sql = String::from(" WHERE 1=1");
-    let mut binds = Vec::new();
-    for (k, v) in &q.attrs {
-        // Each filter is an index range on image_attributes (key, value, hash).
-        sql.push_str(
-            " AND hash IN (SELECT hash FROM image_attributes WHERE key = ? AND value = ?)",
-        );
-        binds.push(k.clone());
-        binds.push(v.clone());
-    }
+/// A bind value of a built query.
+#[derive(Debug, Clone)]
+enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+/// Conditions on the `images` row (alias `i`) other than attributes, with their binds.
+fn image_conditions(q: &ImageQuery, sql: &mut String, binds: &mut Vec<Bind>) {
     if let Some(m) = &q.model {
         if m.len() == 64 {
-            sql.push_str(" AND model = ?");
-            binds.push(m.clone());
+            sql.push_str(" AND i.model = ?");
+            binds.push(Bind::Text(m.clone()));
         } else {
-            sql.push_str(" AND model LIKE ? ESCAPE '\\'");
-            binds.push(format!("{}%", like_escape(m)));
+            sql.push_str(" AND i.model LIKE ? ESCAPE '\\'");
+            binds.push(Bind::Text(format!("{}%", like_escape(m))));
         }
     }
     if let Some(t) = &q.task_id {
-        sql.push_str(" AND task_id = ?");
-        binds.push(t.clone());
+        sql.push_str(" AND i.task_id = ?");
+        binds.push(Bind::Text(t.clone()));
     }
     if let Some(text) = &q.q {
-        sql.push_str(" AND LOWER(prompt) LIKE ? ESCAPE '\\'");
-        binds.push(format!("%{}%", like_escape(&text.to_lowercase())));
+        sql.push_str(" AND LOWER(i.prompt) LIKE ? ESCAPE '\\'");
+        binds.push(Bind::Text(format!(
+            "%{}%",
+            like_escape(&text.to_lowercase())
+        )));
     }
-    (sql, binds)
+}
+
+fn has_image_conditions(q: &ImageQuery) -> bool {
+    q.model.is_some() || q.task_id.is_some() || q.q.is_some()
+}
+
+fn bind_all<'q, O>(
+    mut query: sqlx::query::QueryAs<'q, sqlx::Sqlite, O, sqlx::sqlite::SqliteArguments<'q>>,
+    binds: &'q [Bind],
+) -> sqlx::query::QueryAs<'q, sqlx::Sqlite, O, sqlx::sqlite::SqliteArguments<'q>> {
+    for b in binds {
+        query = match b {
+            Bind::Text(t) => query.bind(t),
+            Bind::Int(i) => query.bind(*i),
+        };
+    }
+    query
 }
 
 type Row = (
@@ -205,13 +225,15 @@ impl ImageRepo for SqliteRepo {
                 continue;
             }
             sqlx::query(
-                "INSERT INTO image_attributes (hash, key, value, json) VALUES (?,?,?,?) \
+                "INSERT INTO image_attributes (hash, key, value, json, created_at) \
+                 VALUES (?,?,?,?,(SELECT created_at FROM images WHERE hash = ?)) \
                  ON CONFLICT (hash, key) DO UPDATE SET value = excluded.value, json = excluded.json",
             )
             .bind(&img.hash)
             .bind(k)
             .bind(attr_text(v))
             .bind(v.to_string())
+            .bind(&img.hash)
             .execute(&mut *tx)
             .await?;
         }
@@ -263,13 +285,15 @@ impl ImageRepo for SqliteRepo {
                     .await?;
             } else {
                 sqlx::query(
-                    "INSERT INTO image_attributes (hash, key, value, json) VALUES (?,?,?,?) \
+                    "INSERT INTO image_attributes (hash, key, value, json, created_at) \
+                     VALUES (?,?,?,?,(SELECT created_at FROM images WHERE hash = ?)) \
                      ON CONFLICT (hash, key) DO UPDATE SET value = excluded.value, json = excluded.json",
                 )
                 .bind(hash)
                 .bind(k)
                 .bind(attr_text(v))
                 .bind(v.to_string())
+                .bind(hash)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -285,41 +309,117 @@ impl ImageRepo for SqliteRepo {
     }
 
     async fn query_images(&self, q: &ImageQuery) -> DbResult<(Vec<ImageRecord>, i64)> {
-        let (mut wh, binds) = where_clause(q);
-        let mut time_binds = Vec::new();
-        if let Some(b) = q.before {
-            wh.push_str(" AND created_at < ?");
-            time_binds.push(b);
-        }
-        if let Some(a) = q.after {
-            wh.push_str(" AND created_at > ?");
-            time_binds.push(a);
-        }
-        let list_sql = format!(
-            "SELECT {IMAGE_COLS} FROM images{wh} ORDER BY created_at DESC, hash DESC LIMIT ? OFFSET ?"
+        let mut binds: Vec<Bind> = Vec::new();
+        // (FROM + WHERE, the column that orders the matches, the matched hash column)
+        let (from_where, order_col, hash_col) = if q.attrs.is_empty() {
+            let mut sql = String::from(" FROM images i WHERE 1=1");
+            image_conditions(q, &mut sql, &mut binds);
+            if let Some(b) = q.before {
+                sql.push_str(" AND i.created_at < ?");
+                binds.push(Bind::Int(b));
+            }
+            if let Some(a) = q.after {
+                sql.push_str(" AND i.created_at > ?");
+                binds.push(Bind::Int(a));
+            }
+            (sql, "i.created_at", "i.hash")
+        } else {
+            // Drive from the rarest attribute: its (key, value, created_at) index range is already in
+            // display order; the other attributes are primary-key probes per candidate.
+            let mut counted = Vec::with_capacity(q.attrs.len());
+            for (k, v) in &q.attrs {
+                let (n,): (i64,) = sqlx::query_as(
+                    "SELECT COUNT(*) FROM image_attributes WHERE key = ? AND value = ?",
+                )
+                .bind(k)
+                .bind(v)
+                .fetch_one(&self.pool)
+                .await?;
+                if n == 0 {
+                    return Ok((Vec::new(), 0));
+                }
+                counted.push((n, k, v));
+            }
+            counted.sort_by_key(|(n, _, _)| *n);
+            let mut sql = String::from(" FROM image_attributes a");
+            if has_image_conditions(q) {
+                sql.push_str(" JOIN images i ON i.hash = a.hash");
+            }
+            sql.push_str(" WHERE a.key = ? AND a.value = ?");
+            binds.push(Bind::Text(counted[0].1.clone()));
+            binds.push(Bind::Text(counted[0].2.clone()));
+            for (_, k, v) in &counted[1..] {
+                sql.push_str(
+                    " AND EXISTS (SELECT 1 FROM image_attributes b \
+                     WHERE b.hash = a.hash AND b.key = ? AND b.value = ?)",
+                );
+                binds.push(Bind::Text((*k).clone()));
+                binds.push(Bind::Text((*v).clone()));
+            }
+            image_conditions(q, &mut sql, &mut binds);
+            if let Some(b) = q.before {
+                sql.push_str(" AND a.created_at < ?");
+                binds.push(Bind::Int(b));
+            }
+            if let Some(a) = q.after {
+                sql.push_str(" AND a.created_at > ?");
+                binds.push(Bind::Int(a));
+            }
+            (sql, "a.created_at", "a.hash")
+        };
+        // Page of hashes first (index order), then only those rows are read in full.
+        let page_sql = format!(
+            "SELECT {hash_col}{from_where} ORDER BY {order_col} DESC, {hash_col} DESC LIMIT ? OFFSET ?"
         );
-        let mut list = sqlx::query_as::<_, Row>(&list_sql);
-        for b in &binds {
-            list = list.bind(b);
-        }
-        for t in &time_binds {
-            list = list.bind(t);
-        }
-        let rows = list
-            .bind(q.limit)
-            .bind(q.offset)
+        let mut page_binds = binds.clone();
+        page_binds.push(Bind::Int(q.limit));
+        page_binds.push(Bind::Int(q.offset));
+        let hashes: Vec<(String,)> = bind_all(sqlx::query_as(&page_sql), &page_binds)
             .fetch_all(&self.pool)
             .await?;
-        let count_sql = format!("SELECT COUNT(*) FROM images{wh}");
-        let mut count = sqlx::query(&count_sql);
-        for b in &binds {
-            count = count.bind(b);
+        let mut rows = Vec::with_capacity(hashes.len());
+        if !hashes.is_empty() {
+            let marks = vec!["?"; hashes.len()].join(",");
+            let sql = format!(
+                "SELECT {IMAGE_COLS} FROM images WHERE hash IN ({marks}) ORDER BY created_at DESC, hash DESC"
+            );
+            let mut query = sqlx::query_as::<_, Row>(&sql);
+            for (h,) in &hashes {
+                query = query.bind(h);
+            }
+            rows = query.fetch_all(&self.pool).await?;
         }
-        for t in &time_binds {
-            count = count.bind(t);
-        }
-        let total: i64 = count.fetch_one(&self.pool).await?.try_get(0)?;
+        let count_sql = format!("SELECT COUNT(*){from_where}");
+        let (total,): (i64,) = bind_all(sqlx::query_as(&count_sql), &binds)
+            .fetch_one(&self.pool)
+            .await?;
         Ok((rows.into_iter().map(image_from_row).collect(), total))
+    }
+
+    async fn attributes_of(
+        &self,
+        hashes: &[String],
+    ) -> DbResult<std::collections::HashMap<String, serde_json::Map<String, serde_json::Value>>>
+    {
+        let mut grouped: std::collections::HashMap<String, Vec<(String, String, Option<String>)>> =
+            hashes.iter().map(|h| (h.clone(), Vec::new())).collect();
+        for chunk in hashes.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(",");
+            let sql = format!(
+                "SELECT hash, key, value, json FROM image_attributes WHERE hash IN ({marks}) ORDER BY hash, key"
+            );
+            let mut query = sqlx::query_as::<_, (String, String, String, Option<String>)>(&sql);
+            for h in chunk {
+                query = query.bind(h);
+            }
+            for (h, k, v, j) in query.fetch_all(&self.pool).await? {
+                grouped.entry(h).or_default().push((k, v, j));
+            }
+        }
+        Ok(grouped
+            .into_iter()
+            .map(|(h, rows)| (h, attrs_from_rows(rows)))
+            .collect())
     }
 
     async fn delete_images(&self, hashes: &[String]) -> DbResult<Vec<String>> {
