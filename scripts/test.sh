@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/sd-host-target}"
 VENV="${SDHOST_TEST_VENV:-/var/tmp/sd-host-test-venv}"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import sd_parsers, webuiapi" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import sd_parsers, webuiapi, jsonschema" 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check -r tools/test-requirements.txt
 fi
