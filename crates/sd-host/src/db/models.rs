@@ -278,4 +278,39 @@ mod tests {
         assert!(repo.delete_model(&sha).await.unwrap());
         assert!(repo.get_model(&sha).await.unwrap().is_none());
     }
+
+    #[tokio::test]
+    async fn claim_once_status_and_download_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let repo = SqliteRepo::connect(&format!("sqlite://{}", dir.path().join("m.db").display()))
+            .await
+            .expect("connect");
+        let sha = "cd".repeat(32);
+        let mut m = ModelRecord::new(&sha, "x.safetensors", "lora", "sd1", "downloading");
+        m.download = Some(serde_json::json!({"url": "https://civitai.com/api/download/models/1"}));
+        assert!(repo.insert_model_if_absent(&m).await.expect("insert"));
+        m.name = "other".into();
+        assert!(
+            !repo.insert_model_if_absent(&m).await.expect("insert"),
+            "second claim loses"
+        );
+        let got = repo.get_model(&sha).await.expect("get").expect("row");
+        assert_eq!(got.name, "x", "the first record stays");
+        assert_eq!(got.download, m.download);
+        assert!(repo
+            .set_model_status(&sha, "failed", Some("boom"))
+            .await
+            .expect("status"));
+        let f = ModelFilter {
+            status: Some("failed".into()),
+            ..Default::default()
+        };
+        let failed = repo.list_models(&f).await.expect("list");
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].error.as_deref(), Some("boom"));
+        assert!(!repo
+            .set_model_status(&"ee".repeat(32), "failed", None)
+            .await
+            .expect("status"));
+    }
 }
