@@ -176,6 +176,9 @@ async fn listing_routes_have_a1111_shapes() {
         "two checkpoints and none selected: {opts}"
     );
     assert_eq!(opts["samples_format"], "png");
+    let (st, v) = s.post_json("/sdapi/v1/txt2img", &t2i(json!({}))).await;
+    assert_eq!(st, 422, "no checkpoint selected among two: {v}");
+    assert!(v.to_string().contains("/sdapi/v1/options"), "{v}");
 }
 
 #[tokio::test]

@@ -372,7 +372,16 @@ async fn plan(state: &AppState, r: &A1111Request, img2img: bool) -> ApiResult<Pl
             }
         },
         Some(Value::String(_)) | Some(Value::Null) | None => {
-            current_checkpoint(state).await?.map(|m| m.sha256)
+            let current = current_checkpoint(state).await?.map(|m| m.sha256);
+            if current.is_none() {
+                a1111_field(
+                    &mut e,
+                    "override_settings.sd_model_checkpoint",
+                    "no checkpoint selected: POST /sdapi/v1/options {\"sd_model_checkpoint\": \"<title>\"} \
+                     (titles from GET /sdapi/v1/sd-models) or set engine.default_checkpoint",
+                );
+            }
+            current
         }
         Some(_) => {
             a1111_field(
