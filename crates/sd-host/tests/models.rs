@@ -543,6 +543,19 @@ async fn scan_hashes_new_files_once_and_library_filters() {
     assert_eq!(model(&ts, &new_sha).await.0, 200);
 
     assert_eq!(model(&ts, &"0".repeat(64)).await.0, 404);
+    let (_, doc) = ts.get_json("/openapi.json").await;
+    for p in [
+        "/api/v1/models",
+        "/api/v1/models/{sha256}",
+        "/api/v1/models/scan",
+        "/api/v1/models/add-from-civitai",
+        "/api/v1/models/add-from-civitai/{sha256}",
+        "/api/v1/pipeline/status",
+        "/api/v1/pipeline/load-checkpoint/{sha256}",
+        "/api/v1/pipeline/load-loras",
+    ] {
+        assert!(doc["paths"].get(p).is_some(), "{p} documented");
+    }
     assert_eq!(model(&ts, &"A".repeat(64)).await.0, 422);
 }
 

@@ -100,7 +100,13 @@ fn mtime_ms(meta: &std::fs::Metadata) -> Option<i64> {
 /// Registers every `.safetensors` under `dir` that is not known yet (by path + size + mtime).
 /// Returns the records of the files found.
 pub async fn scan(repo: &DynRepo, dir: &Path) -> anyhow::Result<Vec<ModelRecord>> {
-    Ok(scan_with(repo, dir, |_| {}).await?.0)
+    // Hashing a multi-GB checkpoint takes seconds: say which file the start-up is busy with.
+    let log = |p: ScanProgress| {
+        if p.hashed_bytes == p.total_bytes {
+            tracing::info!(file = %p.file, index = p.index, files = p.files, bytes = p.total_bytes, "hashed model file");
+        }
+    };
+    Ok(scan_with(repo, dir, log).await?.0)
 }
 
 /// [`scan`] with hashing progress (at most a few calls per second per file is up to the caller).
