@@ -91,6 +91,7 @@ async fn startup(state: &AppState) -> anyhow::Result<()> {
         tracing::info!(resumed, "resuming interrupted model downloads");
     }
     state.queue.start(state.clone());
+    crate::images::store::spawn_sweeper(state, std::time::Duration::from_secs(3600));
     Ok(())
 }
 
