@@ -993,8 +993,21 @@ async fn download_resumes_after_server_restart() {
     let (_, m) = model(&ts, &sha).await;
     assert_eq!(m["status"], "downloading");
 
+    // A progress stream open at shutdown ends (with `interrupted`) instead of holding the stop.
+    let watcher = ts
+        .client
+        .get(ts.url(&format!("/api/v1/models/add-from-civitai/{sha}")))
+        .send()
+        .await
+        .expect("sse");
     let TestServer { server, dir, .. } = ts;
     server.stop().await.expect("stop");
+    let evs = sse_events(watcher).await;
+    assert_eq!(
+        evs.last().map(|e| e.0.as_str()),
+        Some("interrupted"),
+        "{evs:?}"
+    );
     let base = fake.base_url.clone();
     let ts = TestServer::start_in(dir, move |c| c.civitai.base_url = base).await;
     wait_status(&ts, &sha, "ready").await;

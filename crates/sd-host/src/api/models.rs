@@ -152,7 +152,7 @@ async fn progress_stream(state: &AppState, sha: &str) -> ApiResult<Response> {
             return None;
         }
         let ev = live.next().await?;
-        let end = matches!(ev.event.as_str(), "ready" | "failed");
+        let end = matches!(ev.event.as_str(), "ready" | "failed" | "interrupted");
         Some((ev, (live, end)))
     });
     Ok(sse_response(futures::stream::iter(first).chain(live)).into_response())

@@ -55,6 +55,7 @@ impl From<&crate::state::AppState> for Ctx {
 
 struct Running {
     generation: u64,
+    events: EventHub,
     abort: tokio::task::AbortHandle,
     progress: Option<Value>,
 }
@@ -114,6 +115,7 @@ impl Downloads {
             sha256.to_string(),
             Running {
                 generation,
+                events: ctx.events.clone(),
                 abort: task.abort_handle(),
                 progress: None,
             },
@@ -132,9 +134,16 @@ impl Downloads {
     }
 
     /// Stops every download; records stay `downloading` and resume at the next start.
+    /// Progress streams end with an `interrupted` event so a graceful stop does not wait on them.
     pub fn shutdown(&self) {
-        for (_, r) in self.lock().1.drain() {
+        for (sha, r) in self.lock().1.drain() {
             r.abort.abort();
+            r.events.publish(
+                &topic(&sha),
+                "interrupted",
+                json!({"sha256": sha, "detail": "server stopping; the download resumes at the next start"}),
+                false,
+            );
         }
     }
 }
