@@ -217,12 +217,34 @@ impl QueueHandle {
             }
             None => ("DPM++ 2M", None),
         };
+        // Resolved to what actually runs, so the infotext never says "Automatic" (which A1111
+        // reads as Karras for DPM++ samplers) for an image made with the normal schedule.
         let schedule_type = req
             .schedule_type
             .as_deref()
             .map(|s| s.to_ascii_lowercase())
+            .map(|s| {
+                if s == "uniform" {
+                    "normal".to_string()
+                } else {
+                    s
+                }
+            })
             .filter(|s| s != "automatic")
-            .or(suffix_type.map(str::to_string));
+            .or(suffix_type.map(str::to_string))
+            .unwrap_or_else(|| "normal".to_string());
+        let supported = sd_engine::sched::supported_schedule_types(scheduler)
+            .map_err(|e| field("scheduler", e.to_string()))?;
+        if !supported.contains(&schedule_type.as_str()) {
+            return Err(field(
+                "schedule_type",
+                format!(
+                    "{scheduler} does not support the {schedule_type} schedule; supported: {}",
+                    supported.join(", ")
+                ),
+            ));
+        }
+        let schedule_type = Some(schedule_type);
         let store_input = |up: &request::Upload| -> ApiResult<String> {
             let sha = crate::storage::sha256_hex(&up.bytes);
             crate::util::write_file_atomic(&state.inputs_dir().join(&sha), &up.bytes)
