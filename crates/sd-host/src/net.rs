@@ -111,6 +111,8 @@ pub async fn pinned_client(
     let host = url.host_str().unwrap_or_default().to_string();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        // A proxy would connect on our behalf to whatever the name resolves to there.
+        .no_proxy()
         .timeout(timeout)
         .resolve_to_addrs(&host, &addrs)
         .build()

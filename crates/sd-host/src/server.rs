@@ -25,6 +25,8 @@ impl RunningServer {
     pub async fn stop(mut self) -> anyhow::Result<()> {
         // Downloads keep their `.part` and `downloading` status and resume at the next start.
         self.state.downloads.shutdown();
+        // SSE streams never end on their own; end them so the graceful stop does not wait.
+        self.state.events.close_all();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

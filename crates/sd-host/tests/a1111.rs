@@ -563,6 +563,14 @@ async fn img2img_and_inpainting() {
             t2i(json!({"init_images": [b64(&png(64, 64, [0, 0, 0]))], "denoising_strength": 2})),
             "denoising_strength",
         ),
+        // Refused before any resize to the requested size (no multi-GB allocation).
+        (
+            t2i(
+                json!({"init_images": [b64(&png(64, 64, [0, 0, 0]))], "resize_mode": 1,
+                       "width": 60000, "height": 60000, "mask": b64(&png(64, 64, [255, 255, 255]))}),
+            ),
+            "width",
+        ),
     ] {
         let (st, v) = s.post_json("/sdapi/v1/img2img", &body).await;
         assert_eq!(st, 422, "{v}");

@@ -355,3 +355,82 @@ async fn embedded_default_creates_data_dir() {
     assert!(data.join("models").is_dir());
     assert!(data.join("images").is_dir());
 }
+
+#[tokio::test]
+async fn cross_site_requests_and_foreign_host_names_are_refused() {
+    let s = TestServer::start().await; // keyless, loopback
+    let post = |origin: Option<&str>, fetch_site: Option<&str>| {
+        let mut r = s.client.post(s.url("/api/v1/queue/pause"));
+        if let Some(o) = origin {
+            r = r.header("Origin", o);
+        }
+        if let Some(f) = fetch_site {
+            r = r.header("Sec-Fetch-Site", f);
+        }
+        r.send()
+    };
+    // A cross-site page can send a body-less POST without a preflight: refused.
+    assert_eq!(
+        post(Some("https://evil.example"), None)
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    assert_eq!(post(None, Some("cross-site")).await.unwrap().status(), 403);
+    assert_eq!(post(Some("null"), None).await.unwrap().status(), 403);
+    let same = format!("http://{}", s.server.addr);
+    assert_eq!(
+        post(Some(&same), Some("same-origin"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        post(None, None).await.unwrap().status(),
+        200,
+        "non-browser clients"
+    );
+    // DNS rebinding: a foreign name pointing at 127.0.0.1 gets nothing from a keyless server.
+    let r = s
+        .client
+        .get(s.url("/api/v1/version"))
+        .header("Host", "rebind.evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    let listed =
+        TestServer::start_with(|c| c.server.cors_origins = vec!["https://app.example".into()])
+            .await;
+    let r = listed
+        .client
+        .post(listed.url("/api/v1/queue/resume"))
+        .header("Origin", "https://app.example")
+        .header("Sec-Fetch-Site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "a configured origin may call");
+}
+
+#[tokio::test]
+async fn graceful_stop_does_not_wait_for_open_event_streams() {
+    let s = TestServer::start().await;
+    let mut queue = s
+        .client
+        .get(s.url("/api/v1/tasks/queue"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(queue.status(), 200);
+    let first = queue.chunk().await.unwrap();
+    assert!(first.is_some(), "initial snapshot");
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(10), s.server.stop()).await;
+    assert!(
+        matches!(stopped, Ok(Ok(()))),
+        "stop returned while a client was still connected"
+    );
+}

@@ -218,10 +218,16 @@ async fn sd_parsers_reads_our_files_as_automatic1111_images() {
     let script = r#"
 import json, sys
 from sd_parsers import ParserManager
+from PIL import Image
 pm = ParserManager()
 out = []
+# sd-parsers caches EXIF by id(image); keeping every image alive stops CPython from reusing an id
+# (a freed JPEG's id given to the next WebP returned the JPEG's metadata).
+keep = []
 for path in sys.argv[1:]:
-    info = pm.parse(path)
+    im = Image.open(path)
+    keep.append(im)
+    info = pm.parse(im)
     if info is None:
         out.append(None)
         continue

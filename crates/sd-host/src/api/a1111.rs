@@ -337,15 +337,25 @@ async fn plan(state: &AppState, r: &A1111Request, img2img: bool) -> ApiResult<Pl
         );
     }
     // A1111 makes a latent of width/8 × height/8, so other sizes round down.
-    let mut size = |field: &str, v: Option<u32>| -> u32 {
+    // Limits are checked here, before img2img resizes anything to this size.
+    let mut size = |field: &str, v: Option<u32>, max: u32| -> u32 {
         let v = v.unwrap_or(512) / 8 * 8;
         if v == 0 {
             a1111_field(&mut e, field, "must be at least 8");
+        } else if v > max {
+            a1111_field(&mut e, field, format!("at most {max}"));
         }
-        v.max(8)
+        v.clamp(8, max.max(8))
     };
-    let width = size("width", r.width);
-    let height = size("height", r.height);
+    let width = size("width", r.width, limits.max_width);
+    let height = size("height", r.height, limits.max_height);
+    if width as u64 * height as u64 > limits.max_pixels {
+        a1111_field(
+            &mut e,
+            "width",
+            format!("width × height must be at most {}", limits.max_pixels),
+        );
+    }
 
     let overrides = r.override_settings.clone().unwrap_or_default();
     let options = stored_options(state).await?;

@@ -161,3 +161,94 @@ pub async fn count_responses(State(state): State<AppState>, req: Request, next: 
     state.metrics.record_http(resp.status().as_u16());
     resp
 }
+
+fn is_loopback_name(host: &str) -> bool {
+    // Strip the port ("127.0.0.1:8000", "[::1]:8000", "localhost:8000").
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Browser-borne attacks on a keyless server: a cross-site page may send body-less POSTs (no
+/// Content-Type, so no preflight), and DNS rebinding can point a foreign name at 127.0.0.1.
+/// State-changing requests from another origin are refused unless that origin is listed in
+/// `server.cors_origins`; a keyless loopback server answers only loopback Host names.
+pub async fn reject_cross_site(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let headers = req.headers();
+    if state.key_digests.is_empty() && state.config.is_loopback_host() {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !host.is_empty() && !is_loopback_name(host) {
+            return ApiError::Forbidden(format!(
+                "Host {host:?} is not a loopback name; a server without API keys answers only local names"
+            ))
+            .into_response();
+        }
+    }
+    let changes_state = matches!(
+        *req.method(),
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    );
+    if changes_state {
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+        let allowed = |o: &str| {
+            state.config.server.cors_origins.iter().any(|c| c == o)
+                || host.is_some_and(|h| o.split_once("://").is_some_and(|(_, rest)| rest == h))
+        };
+        let cross_site = headers
+            .get("sec-fetch-site")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == "cross-site");
+        let foreign_origin =
+            origin.is_some_and(|o| o != "null" && !allowed(o)) || origin == Some("null");
+        if foreign_origin || (cross_site && !origin.is_some_and(allowed)) {
+            return ApiError::Forbidden(
+                "cross-site request refused; list the origin in server.cors_origins to allow it"
+                    .into(),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod cross_site_tests {
+    #[test]
+    fn loopback_names() {
+        for ok in [
+            "127.0.0.1:8000",
+            "localhost",
+            "localhost:1",
+            "[::1]:80",
+            "a.localhost:9",
+            "127.9.9.9",
+        ] {
+            assert!(super::is_loopback_name(ok), "{ok}");
+        }
+        for bad in [
+            "evil.com",
+            "evil.com:8000",
+            "192.168.1.2:8000",
+            "[fe80::1]:80",
+            "127.0.0.1.evil.com",
+        ] {
+            assert!(!super::is_loopback_name(bad), "{bad}");
+        }
+    }
+}

@@ -70,6 +70,10 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(auth::reject_simple_content_types))
         .layer(middleware::from_fn_with_state(
             state.clone(),
+            auth::reject_cross_site,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
             auth::body_limit,
         ));
     if let Some(cors) = cors_layer(&state) {

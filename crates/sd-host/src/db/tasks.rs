@@ -152,33 +152,29 @@ fn rows(rows: Vec<Row>) -> DbResult<Vec<TaskRecord>> {
 #[async_trait]
 impl TaskRepo for SqliteRepo {
     async fn insert_task(&self, t: &TaskRecord) -> DbResult<TaskRecord> {
-        let mut tx = self.pool.begin().await?;
-        let max: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM tasks")
-            .fetch_one(&mut *tx)
-            .await?;
-        let mut rec = t.clone();
-        rec.seq = max.unwrap_or(0) + 1;
-        sqlx::query(&format!(
-            "INSERT INTO tasks ({COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        // One statement: the next seq is computed under the write lock, so concurrent submissions
+        // never read the same MAX(seq) (a read-then-write transaction would fail with BUSY).
+        let seq: i64 = sqlx::query_scalar(&format!(
+            "INSERT INTO tasks ({COLS}) SELECT ?, COALESCE(MAX(seq), 0) + 1, ?,?,?,?,?,?,?,?,?,?,?,?,? FROM tasks RETURNING seq"
         ))
-        .bind(&rec.id)
-        .bind(rec.seq)
-        .bind(rec.status.as_str())
-        .bind(rec.priority)
-        .bind(&rec.model_sha256)
-        .bind(&rec.lora_key)
-        .bind(rec.params.to_string())
-        .bind(&rec.callback_url)
-        .bind(rec.attempts)
-        .bind(&rec.error_message)
-        .bind(serde_json::to_string(&rec.images).unwrap_or_else(|_| "[]".into()))
-        .bind(rec.created_at)
-        .bind(rec.started_at)
-        .bind(rec.updated_at)
-        .bind(rec.finished_at)
-        .execute(&mut *tx)
+        .bind(&t.id)
+        .bind(t.status.as_str())
+        .bind(t.priority)
+        .bind(&t.model_sha256)
+        .bind(&t.lora_key)
+        .bind(t.params.to_string())
+        .bind(&t.callback_url)
+        .bind(t.attempts)
+        .bind(&t.error_message)
+        .bind(serde_json::to_string(&t.images).unwrap_or_else(|_| "[]".into()))
+        .bind(t.created_at)
+        .bind(t.started_at)
+        .bind(t.updated_at)
+        .bind(t.finished_at)
+        .fetch_one(&self.pool)
         .await?;
-        tx.commit().await?;
+        let mut rec = t.clone();
+        rec.seq = seq;
         Ok(rec)
     }
 
@@ -281,23 +277,16 @@ impl TaskRepo for SqliteRepo {
 
     async fn move_to_front(&self, ids: &[String]) -> DbResult<u64> {
         let mut tx = self.pool.begin().await?;
-        let top: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(priority) FROM tasks WHERE status = 'pending'")
-                .fetch_one(&mut *tx)
-                .await?;
-        let min_seq: Option<i64> = sqlx::query_scalar("SELECT MIN(seq) FROM tasks")
-            .fetch_one(&mut *tx)
-            .await?;
-        let (top, mut seq) = (top.unwrap_or(0), min_seq.unwrap_or(0));
         let mut n = 0;
-        // Last id first, so the first id ends up with the smallest seq.
+        // Last id first, so the first id ends up with the smallest seq. Each UPDATE reads the
+        // current front inside its own write, so there is no read-then-write upgrade to fail.
         for id in ids.iter().rev() {
-            seq -= 1;
             n += sqlx::query(
-                "UPDATE tasks SET priority = MAX(priority, ?), seq = ?, updated_at = ? WHERE id = ? AND status = 'pending'",
+                "UPDATE tasks SET \
+                   priority = MAX(priority, COALESCE((SELECT MAX(priority) FROM tasks WHERE status = 'pending'), 0)), \
+                   seq = (SELECT MIN(seq) FROM tasks) - 1, updated_at = ? \
+                 WHERE id = ? AND status = 'pending'",
             )
-            .bind(top)
-            .bind(seq)
             .bind(now_ms())
             .bind(id)
             .execute(&mut *tx)
@@ -390,6 +379,27 @@ mod tests {
         assert_eq!(ids(&r.list_pending().await.unwrap()), ["c", "a", "b", "d"]);
         r.set_priority(&["d".into()], 9).await.unwrap();
         assert_eq!(ids(&r.list_pending().await.unwrap())[0], "d");
+    }
+
+    #[tokio::test]
+    async fn concurrent_inserts_all_succeed_with_distinct_seqs() {
+        let (_d, r) = repo().await;
+        let r = std::sync::Arc::new(r);
+        let mut joins = vec![];
+        for i in 0..32 {
+            let r = r.clone();
+            joins.push(tokio::spawn(async move {
+                r.insert_task(&task(&format!("t{i}"), 0)).await
+            }));
+        }
+        let mut seqs = vec![];
+        for j in joins {
+            seqs.push(j.await.unwrap().unwrap().seq);
+        }
+        seqs.sort();
+        seqs.dedup();
+        assert_eq!(seqs.len(), 32);
+        assert_eq!(r.list_pending().await.unwrap().len(), 32);
     }
 
     #[tokio::test]

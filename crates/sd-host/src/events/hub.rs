@@ -19,6 +19,8 @@ const MAX_TOPICS: usize = 4096;
 
 struct Topic {
     next_id: u64,
+    /// Where this process's ids start for the topic: an id below it comes from an earlier run.
+    first_id: u64,
     history: VecDeque<SseEvent>,
     tx: broadcast::Sender<SseEvent>,
     /// Set once a terminal event was published: replay it, then end the stream.
@@ -26,9 +28,10 @@ struct Topic {
 }
 
 impl Topic {
-    fn new() -> Self {
+    fn new(first_id: u64) -> Self {
         Topic {
-            next_id: 1,
+            next_id: first_id,
+            first_id,
             history: VecDeque::new(),
             tx: broadcast::channel(64).0,
             finished: false,
@@ -36,24 +39,80 @@ impl Topic {
     }
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct EventHub {
     topics: Arc<Mutex<HashMap<String, Topic>>>,
     order: Arc<Mutex<VecDeque<String>>>,
+    /// Ids of this process start at boot time (ms) × 2^20, so they keep increasing across
+    /// restarts and a `Last-Event-ID` from an earlier run is recognised as such.
+    epoch: u64,
+    /// Set at shutdown: every stream ends so a graceful stop does not wait on SSE clients.
+    closed: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for EventHub {
+    fn default() -> Self {
+        let boot_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        EventHub {
+            topics: Arc::default(),
+            order: Arc::default(),
+            epoch: boot_ms << 20,
+            closed: tokio::sync::watch::channel(false).0,
+        }
+    }
 }
 
 impl EventHub {
+    /// Ends every open stream (graceful shutdown).
+    pub fn close_all(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Next event of `rx`, or `None` once the channel closes or the hub shuts down. Events already
+    /// sent are delivered before the shutdown is noticed (a terminal `interrupted` still arrives).
+    async fn next_event(
+        rx: &mut broadcast::Receiver<SseEvent>,
+        closed: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Option<SseEvent> {
+        loop {
+            tokio::select! {
+                biased;
+                r = rx.recv() => match r {
+                    Ok(ev) => return Some(ev),
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+                _ = closed.wait_for(|c| *c) => return None,
+            }
+        }
+    }
+
     fn with_topic<T>(&self, key: &str, f: impl FnOnce(&mut Topic) -> T) -> T {
         let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
         if !topics.contains_key(key) {
             let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
             order.push_back(key.to_string());
-            while order.len() > MAX_TOPICS {
-                if let Some(old) = order.pop_front() {
-                    topics.remove(&old);
+            if order.len() > MAX_TOPICS {
+                // Forget the oldest finished topics nobody listens to; live ones stay.
+                let mut kept = VecDeque::with_capacity(order.len());
+                let mut excess = order.len() - MAX_TOPICS;
+                while let Some(old) = order.pop_front() {
+                    let idle = topics
+                        .get(&old)
+                        .is_some_and(|t| t.finished && t.tx.receiver_count() == 0);
+                    if excess > 0 && idle {
+                        topics.remove(&old);
+                        excess -= 1;
+                    } else {
+                        kept.push_back(old);
+                    }
                 }
+                *order = kept;
             }
-            topics.insert(key.to_string(), Topic::new());
+            topics.insert(key.to_string(), Topic::new(self.epoch + 1));
         }
         let topic = topics.get_mut(key).expect("inserted above");
         f(topic)
@@ -95,34 +154,34 @@ impl EventHub {
         key: &str,
         last_id: Option<u64>,
     ) -> impl Stream<Item = SseEvent> + Send {
-        let (replay, rx, finished) = self.with_topic(key, |t| {
+        let (replay, rx, finished, last_id) = self.with_topic(key, |t| {
+            // An id from another run (or from the future) says nothing about this run's events.
+            let last_id = last_id.filter(|l| *l >= t.first_id && *l < t.next_id);
             let replay: Vec<SseEvent> = t
                 .history
                 .iter()
                 .filter(|e| last_id.is_none_or(|l| e.id.unwrap_or(0) > l))
                 .cloned()
                 .collect();
-            (replay, t.tx.subscribe(), t.finished)
+            (replay, t.tx.subscribe(), t.finished, last_id)
         });
         let last_replayed = replay.last().and_then(|e| e.id).or(last_id).unwrap_or(0);
-        let terminal_names = ["completed", "failed", "cancelled", "ready"];
+        let terminal_names = ["completed", "failed", "cancelled", "ready", "interrupted"];
+        let closed = self.closed.subscribe();
         let live = futures::stream::unfold(
-            (rx, last_replayed, finished),
-            move |(mut rx, last, done)| async move {
+            (rx, closed, last_replayed, finished),
+            move |(mut rx, mut closed, last, done)| async move {
                 if done {
                     return None;
                 }
                 loop {
-                    match rx.recv().await {
-                        Ok(ev) if ev.id.unwrap_or(0) <= last => continue,
-                        Ok(ev) => {
-                            let end = terminal_names.contains(&ev.event.as_str());
-                            let id = ev.id.unwrap_or(last);
-                            return Some((ev, (rx, id, end)));
-                        }
-                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                        Err(broadcast::error::RecvError::Closed) => return None,
+                    let ev = Self::next_event(&mut rx, &mut closed).await?;
+                    if ev.id.unwrap_or(0) <= last {
+                        continue;
                     }
+                    let end = terminal_names.contains(&ev.event.as_str());
+                    let id = ev.id.unwrap_or(last);
+                    return Some((ev, (rx, closed, id, end)));
                 }
             },
         );
@@ -132,14 +191,10 @@ impl EventHub {
     /// A live feed with no replay and no end (gallery, queue).
     pub fn feed(&self, key: &str) -> impl Stream<Item = SseEvent> + Send {
         let rx = self.with_topic(key, |t| t.tx.subscribe());
-        futures::stream::unfold(rx, |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(ev) => return Some((ev, rx)),
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
-            }
+        let closed = self.closed.subscribe();
+        futures::stream::unfold((rx, closed), |(mut rx, mut closed)| async move {
+            let ev = Self::next_event(&mut rx, &mut closed).await?;
+            Some((ev, (rx, closed)))
         })
     }
 }
@@ -164,10 +219,24 @@ mod tests {
         // the superseded progress event is not replayed
         assert_eq!(names, ["queued", "progress", "completed"]);
         assert_eq!(all[1].data["step"], 2);
-        let resumed: Vec<_> = hub.subscribe("t", Some(3)).collect().await;
+        let third = all[1].id.expect("id");
+        let resumed: Vec<_> = hub.subscribe("t", Some(third)).collect().await;
         assert_eq!(resumed.len(), 1);
         assert_eq!(resumed[0].event, "completed");
-        assert_eq!(resumed[0].id, Some(4));
+        assert_eq!(resumed[0].id, Some(third + 1));
+        // An id from an earlier run (smaller epoch) replays everything.
+        let stale: Vec<_> = hub.subscribe("t", Some(30)).collect().await;
+        assert_eq!(stale.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn close_all_ends_open_streams() {
+        let hub = EventHub::default();
+        let a = hub.feed("gallery");
+        let b = hub.subscribe("task:x", None);
+        hub.close_all();
+        let (a, b): (Vec<_>, Vec<_>) = futures::join!(a.collect(), b.collect());
+        assert!(a.is_empty() && b.is_empty());
     }
 
     #[tokio::test]

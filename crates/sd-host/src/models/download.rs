@@ -28,6 +28,8 @@ pub fn topic(sha256: &str) -> String {
 /// Progress events at most this often (~4/s).
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// Attempts in a row that make no progress before the download is marked failed.
+/// Restarts from byte 0 one download may take.
+const MAX_RESTARTS: u32 = 3;
 const MAX_STALLED_ATTEMPTS: u32 = 6;
 const MAX_REDIRECTS: usize = 10;
 
@@ -412,6 +414,7 @@ async fn download(ctx: &Ctx, sha: &str) -> Result<ModelRecord, DlError> {
         .await
         .map_err(|e| DlError::Fatal(format!("creating {}: {e}", dir.display())))?;
     let mut stalled = 0u32;
+    let mut restarts = 0u32;
     let mut meter = Meter {
         started: Instant::now(),
         base: u64::MAX,
@@ -443,7 +446,16 @@ async fn download(ctx: &Ctx, sha: &str) -> Result<ModelRecord, DlError> {
         .await
         {
             Ok(true) => break,
-            Ok(false) => stalled = 0,
+            Ok(false) => {
+                // A restart from zero (200 for a Range, 416): fine once or twice, not forever.
+                stalled = 0;
+                restarts += 1;
+                if restarts > MAX_RESTARTS {
+                    return Err(DlError::Fatal(format!(
+                        "the server made the download restart from zero {restarts} times"
+                    )));
+                }
+            }
             Err(DlError::Retry(why)) => {
                 let now_have = tokio::fs::metadata(part_path(&final_path))
                     .await

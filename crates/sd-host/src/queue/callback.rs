@@ -17,19 +17,23 @@ pub async fn deliver(
     let parsed = net::check_url_syntax(url, allow_private).map_err(|e| e.to_string())?;
     let mut backoff = first_backoff;
     let mut last_err = String::new();
-    for attempt in 1..=retries.max(1) {
-        let client = net::pinned_client(&parsed, allow_private, Duration::from_secs(10))
-            .await
-            .map_err(|e| e.to_string())?;
-        match client.post(parsed.clone()).json(payload).send().await {
-            Ok(r) if r.status().is_success() => return Ok(attempt),
-            Ok(r) if r.status().is_server_error() => {
-                last_err = format!("callback answered {}", r.status());
-            }
-            Ok(r) => return Err(format!("callback answered {} (not retried)", r.status())),
-            Err(e) => last_err = format!("callback failed: {e}"),
+    // `retries` counts the attempts after the first.
+    let attempts = retries + 1;
+    for attempt in 1..=attempts {
+        match net::pinned_client(&parsed, allow_private, Duration::from_secs(10)).await {
+            Ok(client) => match client.post(parsed.clone()).json(payload).send().await {
+                Ok(r) if r.status().is_success() => return Ok(attempt),
+                Ok(r) if r.status().is_server_error() => {
+                    last_err = format!("callback answered {}", r.status());
+                }
+                Ok(r) => return Err(format!("callback answered {} (not retried)", r.status())),
+                Err(e) => last_err = format!("callback failed: {e}"),
+            },
+            // A target that resolves to a private address stays refused; DNS hiccups are retried.
+            Err(e @ net::UrlPolicyError::Resolve(_)) => last_err = e.to_string(),
+            Err(e) => return Err(e.to_string()),
         }
-        if attempt < retries.max(1) {
+        if attempt < attempts {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(60));
         }

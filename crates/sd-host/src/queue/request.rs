@@ -106,6 +106,11 @@ pub struct Upload {
     pub image: image::DynamicImage,
 }
 
+/// LoRAs one task may apply (request list and prompt tags together).
+pub const MAX_LORAS: usize = 16;
+pub const MAX_METADATA_KEYS: usize = 100;
+pub const MAX_METADATA_VALUE: usize = 8192;
+
 /// Collects every field error, so one response lists them all.
 #[derive(Default)]
 pub struct Errors(pub Vec<FieldError>);
@@ -225,6 +230,28 @@ pub fn validate_shape(r: &TaskRequest, l: &LimitsConfig) -> Result<(), ApiError>
     }
     if r.mask.is_some() && r.init_image.is_none() && r.init_image_hash.is_none() {
         e.add("mask", "a mask needs init_image");
+    }
+    if r.loras.len() > MAX_LORAS {
+        e.add("loras", format!("at most {MAX_LORAS} LoRAs"));
+    }
+    if r.metadata.len() > MAX_METADATA_KEYS {
+        e.add(
+            "metadata",
+            format!("at most {MAX_METADATA_KEYS} attributes"),
+        );
+    }
+    for (k, v) in &r.metadata {
+        if k.is_empty() || k.chars().count() > 128 || k.chars().any(char::is_control) {
+            e.add(
+                "metadata",
+                "attribute names are 1..128 printable characters",
+            );
+        } else if v.to_string().len() > MAX_METADATA_VALUE {
+            e.add(
+                &format!("metadata.{k}"),
+                format!("at most {MAX_METADATA_VALUE} bytes of JSON"),
+            );
+        }
     }
     for (i, lr) in r.loras.iter().enumerate() {
         if lr.sha256.is_none() && lr.id.is_none() {

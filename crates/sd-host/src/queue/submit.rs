@@ -75,8 +75,15 @@ impl QueueHandle {
         request::validate_shape(&req, limits)?;
         let allow_private = state.config.network.allow_private_targets;
         if let Some(cb) = &req.callback_url {
-            crate::net::check_url_syntax(cb, allow_private)
+            let url = crate::net::check_url_syntax(cb, allow_private)
                 .map_err(|e| field("callback_url", e.to_string()))?;
+            // A public-looking name that resolves to a private address is refused now too
+            // (and checked again at delivery). A name that does not resolve yet is allowed.
+            if let Err(e @ crate::net::UrlPolicyError::Private(_)) =
+                crate::net::resolve_checked(&url, allow_private).await
+            {
+                return Err(field("callback_url", e.to_string()));
+            }
         }
 
         // Checkpoint.
@@ -108,6 +115,15 @@ impl QueueHandle {
 
         // LoRAs: the request's list, then `<lora:name:weight>` tags from the prompt.
         let (stripped, tags) = sd_engine::text::prompt::extract_lora_tags(&req.prompt);
+        if req.loras.len() + tags.len() > request::MAX_LORAS {
+            return Err(field(
+                "loras",
+                format!(
+                    "at most {} LoRAs (list and prompt tags together)",
+                    request::MAX_LORAS
+                ),
+            ));
+        }
         let mut loras: Vec<ResolvedLora> = Vec::new();
         let mut triggers: Vec<(Vec<String>, f32)> = Vec::new();
         for (i, lr) in req.loras.iter().enumerate() {
