@@ -415,6 +415,8 @@ impl CpuEngine {
         }
         let z = latents.affine(1.0 / scaling_factor(ck.info.family), 0.0)?;
         let img = ck.vae.decode(&z)?;
+        // An idle server should not hold the decoder's scratch until the next task.
+        crate::models::ops::release_scratch();
         Ok((latents, img))
     }
 
@@ -478,6 +480,7 @@ impl Backend for CpuEngine {
     }
 
     fn unload(&mut self) {
+        crate::models::ops::release_scratch();
         self.ckpt = None;
         self.path = None;
         self.loras.reset();

@@ -31,6 +31,7 @@ const EXPECTED_PATHS: &[&str] = &[
     "/api/v1/models/add-from-civitai",
     "/api/v1/models/add-from-civitai/{sha256}",
     "/api/v1/models/scan",
+    "/api/v1/models/scan/events",
     "/api/v1/models/{sha256}",
     "/api/v1/pipeline/load-checkpoint/{sha256}",
     "/api/v1/pipeline/load-loras",

@@ -500,9 +500,25 @@ async fn scan_hashes_new_files_once_and_library_filters() {
         .expect("tiny lora");
     std::fs::write(dir.join("ignored.ckpt"), b"pickle").expect("write");
 
+    // Progress of the scan is streamed while it hashes.
+    let mut watch = ts
+        .client
+        .get(ts.url("/api/v1/models/scan/events"))
+        .send()
+        .await
+        .expect("scan sse");
+    assert_eq!(watch.status(), 200);
     let (code, report) = post(&ts, "/api/v1/models/scan", json!({})).await;
     assert_eq!(code, 200);
     assert_eq!(report["hashed"], 2, "{report}");
+    let mut seen = String::new();
+    while !(seen.contains("tiny_sd1.safetensors") && seen.contains("tiny_lora.safetensors")) {
+        match tokio::time::timeout(Duration::from_secs(10), watch.chunk()).await {
+            Ok(Ok(Some(c))) => seen.push_str(&String::from_utf8_lossy(&c)),
+            other => panic!("scan progress stream ended early: {other:?}; got {seen}"),
+        }
+    }
+    assert!(seen.contains("event: progress"), "{seen}");
     assert_eq!(report["found"], 2);
     let ck_sha = sha_hex(&std::fs::read(&ckpt).expect("read"));
     let lora_sha = sha_hex(&std::fs::read(&lora).expect("read"));

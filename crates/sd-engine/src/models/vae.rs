@@ -537,6 +537,9 @@ impl Vae {
     /// Decodes latents `[B, z, h, w]` (already divided by the scaling factor) into images
     /// `[B, out_channels, h·f, w·f]`, nominally in -1..1 (not clamped).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        // The scratch pooled by the UNet steps has the wrong sizes for the decoder: holding it
+        // through the decode (the peak of a generation) would only add to peak RSS.
+        crate::models::ops::release_scratch();
         let (_, c, _, _) = z.dims4()?;
         if c != self.cfg.z_channels {
             return Err(EngineError::InvalidParam(format!(

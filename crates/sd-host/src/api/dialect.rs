@@ -153,19 +153,7 @@ async fn job_events(
     let total_steps = serde_json::from_value::<crate::queue::request::TaskParams>(t.params.clone())
         .map(|p| crate::queue::effective_steps(&p))
         .unwrap_or(0);
-    let topic = task_topic(&id);
-    if t.status.is_terminal() && !state.events.is_finished(&topic) {
-        // Finished before this process started: replay the terminal event, as the native stream does.
-        let (name, data) = match t.status {
-            TaskStatus::Completed => (
-                "completed",
-                json!({"task_id": id, "images": t.images.iter().map(|h| json!({"hash": h, "url": state.image_url(h)})).collect::<Vec<_>>()}),
-            ),
-            TaskStatus::Cancelled => ("cancelled", json!({"task_id": id})),
-            _ => ("failed", json!({"task_id": id, "detail": t.error_message})),
-        };
-        state.events.publish(&topic, name, data, true);
-    }
+    let topic = crate::api::tasks::replayable_topic(&state, &t);
     let task = state
         .events
         .subscribe(&topic, last_event_id(&headers))

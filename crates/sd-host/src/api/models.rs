@@ -26,6 +26,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(list_models))
         .routes(routes!(get_model, delete_model))
         .routes(routes!(scan_models))
+        .routes(routes!(scan_events))
         .routes(routes!(add_from_civitai))
         .routes(routes!(add_progress))
 }
@@ -308,6 +309,14 @@ async fn scan_models(State(state): State<AppState>) -> ApiResult<Json<ScanReport
             .await
             .map_err(ApiError::internal)?;
     Ok(Json(report))
+}
+
+/// SSE of scan progress while a `POST /api/v1/models/scan` hashes files: `progress` events
+/// (`{file, hashed_bytes, total_bytes, ...}`, at most ~4/s per file, the last block always).
+#[utoipa::path(get, path = "/api/v1/models/scan/events", tag = "models",
+    responses((status = 200, content_type = "text/event-stream")))]
+async fn scan_events(State(state): State<AppState>) -> impl IntoResponse {
+    sse_response(state.events.feed("models:scan"))
 }
 
 #[derive(Serialize, ToSchema)]

@@ -309,9 +309,18 @@ async fn task_events(
         .get_task(&id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no task {id}")))?;
-    let topic = task_topic(&id);
+    let topic = replayable_topic(&state, &t);
+    Ok(sse_response(
+        state.events.subscribe(&topic, last_event_id(&headers)),
+    ))
+}
+
+/// The event topic of a task, with its terminal event published from the database when the task
+/// finished before this process started (so every stream of a finished task ends with it).
+pub fn replayable_topic(state: &AppState, t: &TaskRecord) -> String {
+    let topic = task_topic(&t.id);
     if t.status.is_terminal() && !state.events.is_finished(&topic) {
-        // Finished before this process started: replay the terminal event from the database.
+        let id = &t.id;
         let (name, data) = match t.status {
             TaskStatus::Completed => (
                 "completed",
@@ -322,9 +331,7 @@ async fn task_events(
         };
         state.events.publish(&topic, name, data, true);
     }
-    Ok(sse_response(
-        state.events.subscribe(&topic, last_event_id(&headers)),
-    ))
+    topic
 }
 
 /// SSE of queue snapshots `{paused, running, pending}`: one now, then one on every change.

@@ -183,6 +183,15 @@ fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
+/// Frees the resident model and says so on the state `watch`.
+fn drop_model(engine: &mut dyn Backend, state: &watch::Sender<EngineState>) {
+    engine.unload();
+    state.send_modify(|s| {
+        s.checkpoint = None;
+        s.loras.clear();
+    });
+}
+
 fn run(
     mut engine: Box<dyn Backend>,
     rx: std::sync::mpsc::Receiver<Cmd>,
@@ -227,11 +236,7 @@ fn run(
                 let _ = reply.send(r);
             }
             Cmd::Unload { reply } => {
-                engine.unload();
-                state.send_modify(|s| {
-                    s.checkpoint = None;
-                    s.loras.clear();
-                });
+                drop_model(engine.as_mut(), &state);
                 let _ = reply.send(());
             }
             Cmd::SetLoras { specs, reply } => {
@@ -248,11 +253,7 @@ fn run(
                     }
                     Ok(Err(e)) => Err(WorkerError::Engine(e)),
                     Err(p) => {
-                        engine.unload();
-                        state.send_modify(|s| {
-                            s.checkpoint = None;
-                            s.loras.clear();
-                        });
+                        drop_model(engine.as_mut(), &state);
                         Err(WorkerError::Panic(panic_text(p)))
                     }
                 };
@@ -285,11 +286,7 @@ fn run(
                         Ok(r) => r.map_err(WorkerError::Engine),
                         Err(p) => {
                             // The model may be half-updated; drop it so the next task reloads it clean.
-                            engine.unload();
-                            state.send_modify(|s| {
-                                s.checkpoint = None;
-                                s.loras.clear();
-                            });
+                            drop_model(engine.as_mut(), &state);
                             Err(WorkerError::Panic(panic_text(p)))
                         }
                     };
