@@ -15,11 +15,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::api::extract::{ApiJson, TaskIdPath};
-use crate::db::{ModelFilter, TaskStatus};
+use crate::db::ModelFilter;
 use crate::error::{ApiError, ApiResult};
 use crate::events::{last_event_id, sse_response, SseEvent};
 use crate::queue::request::TaskRequest;
-use crate::queue::{task_topic, QUEUE_TOPIC};
+use crate::queue::QUEUE_TOPIC;
 use crate::state::AppState;
 
 pub fn routes() -> OpenApiRouter<AppState> {
