@@ -557,6 +557,14 @@ async fn scan_hashes_new_files_once_and_library_filters() {
     assert_eq!(third["hashed"], 1, "{third}");
     let new_sha = sha_hex(&std::fs::read(&ckpt).expect("read"));
     assert_eq!(model(&ts, &new_sha).await.0, 200);
+    // The old identity no longer has a file: never offered for tasks again.
+    assert_eq!(third["missing"], json!([ck_sha]), "{third}");
+    assert_eq!(model(&ts, &ck_sha).await.1["status"], "failed");
+    std::fs::remove_file(&lora).expect("rm");
+    let (_, fourth) = post(&ts, "/api/v1/models/scan", json!({})).await;
+    assert_eq!(fourth["missing"], json!([lora_sha]), "{fourth}");
+    assert_eq!(model(&ts, &lora_sha).await.1["status"], "failed");
+    assert_eq!(model(&ts, &new_sha).await.1["status"], "ready");
 
     assert_eq!(model(&ts, &"0".repeat(64)).await.0, 404);
     let (_, doc) = ts.get_json("/openapi.json").await;

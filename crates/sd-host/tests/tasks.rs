@@ -792,3 +792,29 @@ async fn loras_from_the_request_and_from_prompt_tags_are_applied_exactly() {
     assert_eq!(status, 422, "{r}");
     assert!(r.to_string().contains("sdxl"), "{r}");
 }
+
+#[tokio::test]
+async fn pause_lets_the_running_task_finish_and_holds_the_rest() {
+    let s = server_with_models(&[1], |_| {}).await;
+    let running = submit(
+        &s,
+        json!({"num_inference_steps": 20, "width": 96, "height": 96}),
+    )
+    .await;
+    let waiting = submit(&s, json!({})).await;
+    wait_status(&s, &running, &["processing"]).await;
+    let (status, _) = s.post_json("/api/v1/queue/pause", &json!({})).await;
+    assert_eq!(status, 200);
+    let t = wait_status(&s, &running, &["completed", "failed", "cancelled"]).await;
+    assert_eq!(
+        t["status"], "completed",
+        "pause does not stop the running task"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(task(&s, &waiting).await["status"], "pending");
+    s.post_json("/api/v1/queue/resume", &json!({})).await;
+    assert_eq!(
+        wait_status(&s, &waiting, &["completed", "failed"]).await["status"],
+        "completed"
+    );
+}

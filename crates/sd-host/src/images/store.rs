@@ -33,7 +33,14 @@ static STORE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Encodes and stores one image; returns its record. The row is written only after the blob is durable.
 pub async fn store_generated(state: &AppState, img: GeneratedImage) -> ApiResult<ImageRecord> {
     let (w, h) = (img.rgb.width, img.rgb.height);
-    let encoded = encode_image(&img)?;
+    // PNG/WebP encoding of a large image takes a while: keep it off the async workers.
+    let (img, encoded) = tokio::task::spawn_blocking(move || {
+        let encoded = encode_image(&img);
+        (img, encoded)
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    let encoded = encoded?;
     let bytes_len = encoded.len() as i64;
     let guard = STORE_LOCK.lock().await;
     let hash = state

@@ -88,6 +88,8 @@ pub struct ScanReport {
     pub hashed: usize,
     /// sha256 of the files hashed this time.
     pub new: Vec<String>,
+    /// sha256 of ready models whose file has disappeared (now marked failed).
+    pub missing: Vec<String>,
 }
 
 fn mtime_ms(meta: &std::fs::Metadata) -> Option<i64> {
@@ -179,6 +181,27 @@ pub async fn scan_with(
         report.hashed += 1;
         report.new.push(sha);
         out.push(rec);
+    }
+    // A ready record whose file is gone (deleted or moved by hand) must not be offered for tasks.
+    for mut k in known {
+        // Also gone: its path now holds other bytes (a file overwritten in place).
+        let gone = k.status == "ready"
+            && k.path.as_deref().is_some_and(|p| {
+                Path::new(p).starts_with(dir)
+                    && (!Path::new(p).exists()
+                        || out
+                            .iter()
+                            .any(|o| o.path.as_deref() == Some(p) && o.sha256 != k.sha256))
+            });
+        if gone && !out.iter().any(|o| o.sha256 == k.sha256) {
+            k.status = "failed".into();
+            k.error = Some(
+                "the file is missing from models.dir or was replaced (rescan after restoring it)"
+                    .into(),
+            );
+            repo.upsert_model(&k).await?;
+            report.missing.push(k.sha256);
+        }
     }
     Ok((out, report))
 }

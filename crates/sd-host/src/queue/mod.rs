@@ -93,6 +93,13 @@ impl QueueHandle {
         self.0.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn early_cancels(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.0
+            .early_cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn running(&self) -> Option<RunningInfo> {
         self.running_lock().as_ref().map(|r| r.info.clone())
     }
@@ -162,18 +169,25 @@ impl QueueHandle {
                 }
             }
             TaskStatus::Processing => {
-                // Both locks, in run_task's order, so a cancel cannot slip between its two steps.
-                let running = self.running_lock();
-                match running.as_ref() {
-                    Some(r) if r.info.task_id == id => r.cancel.store(true, Ordering::Relaxed),
-                    // Picked but not started yet: run_task takes this before the first step.
-                    _ => {
-                        self.0
-                            .early_cancels
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(id.to_string());
+                {
+                    // Both locks, in run_task's order, so a cancel cannot slip between its two steps.
+                    let running = self.running_lock();
+                    if let Some(r) = running.as_ref().filter(|r| r.info.task_id == id) {
+                        r.cancel.store(true, Ordering::Relaxed);
+                        return Ok(Some(true));
                     }
+                    // Picked but not started yet: run_task takes this before the first step.
+                    self.early_cancels().insert(id.to_string());
+                }
+                // Or it finished between the read above and the lock: nothing to cancel then.
+                let finished = state
+                    .repo
+                    .get_task(id)
+                    .await?
+                    .is_some_and(|t| t.status.is_terminal());
+                if finished {
+                    self.early_cancels().remove(id);
+                    return Ok(Some(false));
                 }
                 Ok(Some(true))
             }
@@ -288,12 +302,7 @@ impl QueueHandle {
             .unwrap_or((0, 1));
         let cancel = {
             let mut running = self.running_lock();
-            let early = self
-                .0
-                .early_cancels
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&task.id);
+            let early = self.early_cancels().remove(&task.id);
             let cancel = Arc::new(AtomicBool::new(early));
             *running = Some(RunningTask {
                 info: RunningInfo {
@@ -391,9 +400,18 @@ impl QueueHandle {
                 return Outcome::Failed(msg);
             }
         }
-        let gp = match generate_params(state, p).await {
-            Ok(gp) => gp,
-            Err(msg) => return Outcome::Failed(msg),
+        // Reading and resizing the inputs is blocking work.
+        let (dir, params, every) = (
+            state.inputs_dir(),
+            p.clone(),
+            state.config.engine.preview_every,
+        );
+        let gp = match tokio::task::spawn_blocking(move || generate_params(&dir, &params, every))
+            .await
+        {
+            Ok(Ok(gp)) => gp,
+            Ok(Err(msg)) => return Outcome::Failed(msg),
+            Err(e) => return Outcome::Failed(format!("preparing inputs failed: {e}")),
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<sd_engine::Progress>();
         let fwd = {
@@ -544,12 +562,13 @@ pub async fn apply_loras(state: &AppState, loras: &[request::ResolvedLora]) -> R
         .map_err(|e| format!("applying LoRAs failed: {e}"))
 }
 
-async fn generate_params(
-    state: &AppState,
+fn generate_params(
+    inputs: &std::path::Path,
     p: &TaskParams,
+    preview_every: u32,
 ) -> Result<sd_engine::GenerateParams, String> {
     let load_input = |sha: &str| -> Result<image::DynamicImage, String> {
-        let bytes = std::fs::read(state.inputs_dir().join(sha))
+        let bytes = std::fs::read(inputs.join(sha))
             .map_err(|e| format!("input image {sha} is missing: {e}"))?;
         image::load_from_memory(&bytes).map_err(|e| format!("input image {sha}: {e}"))
     };
@@ -576,7 +595,7 @@ async fn generate_params(
         mask,
         strength: p.strength.unwrap_or(0.75),
         clip_skip: p.clip_skip,
-        preview_every: state.config.engine.preview_every,
+        preview_every,
     })
 }
 

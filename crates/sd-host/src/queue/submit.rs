@@ -60,6 +60,15 @@ pub async fn default_checkpoint(state: &AppState) -> ApiResult<Option<ModelRecor
     })
 }
 
+/// Image decoding is CPU work: run it on the blocking pool, not on an async worker.
+async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(ApiError::internal)?
+}
+
 fn field(loc: &str, msg: impl Into<String>) -> ApiError {
     ApiError::Validation(vec![FieldError::body(loc, msg)])
 }
@@ -183,21 +192,29 @@ impl QueueHandle {
 
         // Inputs: decoded (and size-checked) now, stored only after every check passed.
         let init = match (&req.init_image, &req.init_image_hash) {
-            (Some(url), _) => Some(request::decode_data_url("init_image", url, limits)?),
+            (Some(url), _) => {
+                let (url, l) = (url.clone(), limits.clone());
+                Some(off_thread(move || request::decode_data_url("init_image", &url, &l)).await?)
+            }
             (None, Some(hash)) => {
                 let bytes = state.blobs.get(hash).await.map_err(|_| {
                     field("init_image_hash", format!("no image {hash} in the store"))
                 })?;
-                Some(request::decode_image_bytes(
-                    "init_image_hash",
-                    bytes.to_vec(),
-                    limits,
-                )?)
+                let l = limits.clone();
+                Some(
+                    off_thread(move || {
+                        request::decode_image_bytes("init_image_hash", bytes.to_vec(), &l)
+                    })
+                    .await?,
+                )
             }
             (None, None) => None,
         };
         let mask = match &req.mask {
-            Some(url) => Some(request::decode_data_url("mask", url, limits)?),
+            Some(url) => {
+                let (url, l) = (url.clone(), limits.clone());
+                Some(off_thread(move || request::decode_data_url("mask", &url, &l)).await?)
+            }
             None => None,
         };
         let (width, height) = match &init {
