@@ -1,6 +1,7 @@
 //! Dev helper for the diffusers fixture scripts (tools/fixtures/make_ckpt_fixtures.py).
 //!
-//! `tiny_ckpt write sd1|sd2|sdxl [--inpaint] [--seed N] OUT.safetensors` writes a tiny checkpoint;
+//! `tiny_ckpt write sd1|sd2|sdxl [--inpaint] [--full] [--seed N] OUT.safetensors` writes a tiny
+//! checkpoint (`--full`: the real widths, f16, to time loading a real-size file);
 //! `tiny_ckpt shapes sd1|sd2|sdxl [--inpaint] [--full]` prints every checkpoint key and shape as
 //! JSON (`--full` = the real SD 1.5 / SD 2.x / SDXL widths).
 
@@ -83,7 +84,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .rev()
                 .find(|a| !a.starts_with("--") && a.parse::<u64>().is_err())
                 .ok_or("missing output path")?;
-            sd_engine::tiny::write_tiny_checkpoint(fam, inpaint, seed, &PathBuf::from(out))?;
+            if full {
+                sd_engine::tiny::write_checkpoint_from_spec(
+                    &full_spec(fam, inpaint),
+                    seed,
+                    sd_engine::safetensors_file::Dtype::F16,
+                    &PathBuf::from(out),
+                )?;
+            } else {
+                sd_engine::tiny::write_tiny_checkpoint(fam, inpaint, seed, &PathBuf::from(out))?;
+            }
         }
         "shapes" => {
             let spec = if full {

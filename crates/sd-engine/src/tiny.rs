@@ -467,6 +467,18 @@ pub fn write_tiny_checkpoint_as(
         }
     };
     let spec = TinySpec::new(family, inpaint);
+    write_checkpoint_from_spec(&spec, seed, dtype, path)
+}
+
+/// Write a random-weight single-file checkpoint of any widths (tiny ones for tests, the full SD
+/// 1.5 / 2.x / SDXL ones to time loading a real-size file).
+pub fn write_checkpoint_from_spec(
+    spec: &TinySpec,
+    seed: u64,
+    dtype: Dtype,
+    path: &Path,
+) -> Result<()> {
+    let family = spec.family;
     let mut tensors = Vec::new();
     for p in spec.params() {
         let n: usize = p.shape.iter().product();

@@ -818,3 +818,55 @@ async fn pause_lets_the_running_task_finish_and_holds_the_rest() {
         "completed"
     );
 }
+
+/// Host overhead per task: from sending `POST /api/v1/tasks` to the queue stream announcing the
+/// task running (API → validation → database commit → dispatcher → engine start), an upper bound
+/// since it includes the SSE delivery. A measurement, not a test:
+/// `cargo test -p sd-host --test tasks bench_host_overhead -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "timing benchmark; prints figures for bench/RESULTS.md"]
+async fn bench_host_overhead_per_task() {
+    let s = server_with_models(&[1], |_| {}).await;
+    // Warm up: the first task loads the checkpoint.
+    let id = submit(&s, json!({"num_inference_steps": 1})).await;
+    wait_status(&s, &id, &["completed"]).await;
+    let resp = s
+        .client
+        .get(s.url("/api/v1/tasks/queue"))
+        .send()
+        .await
+        .expect("sse");
+    let mut stream = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut times = vec![];
+    for _ in 0..30 {
+        let t0 = std::time::Instant::now();
+        let id = submit(&s, json!({"num_inference_steps": 1})).await;
+        'seen: loop {
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let data = block.lines().find_map(|l| l.strip_prefix("data:"));
+                let snap: Value = data
+                    .and_then(|d| serde_json::from_str(d.trim()).ok())
+                    .unwrap_or(Value::Null);
+                if snap["running"]["task_id"] == id.as_str() {
+                    times.push(t0.elapsed().as_secs_f64() * 1000.0);
+                    break 'seen;
+                }
+            }
+            let chunk = stream.next().await.expect("open").expect("chunk");
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        wait_status(&s, &id, &["completed"]).await;
+        buf.clear();
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "host overhead per task (ms): median {:.2}, p90 {:.2}, min {:.2}, max {:.2} over {} tasks",
+        times[times.len() / 2],
+        times[times.len() * 9 / 10],
+        times[0],
+        times[times.len() - 1],
+        times.len()
+    );
+}
