@@ -276,6 +276,16 @@ async fn priority_then_fifo_order_and_move_to_front() {
     let e = submit(&s, json!({"priority": 0})).await;
     assert_eq!(task(&s, &a).await["queue_position"], 3);
     assert_eq!(task(&s, &b).await["queue_position"], 1);
+    // The list shows the same positions.
+    let (_, list) = s.get_json("/api/v1/tasks?status=pending").await;
+    let pos_of = |id: &str| {
+        list["tasks"]
+            .as_array()
+            .and_then(|v| v.iter().find(|t| t["task_id"] == id))
+            .map(|t| t["queue_position"].clone())
+    };
+    assert_eq!(pos_of(&b), Some(json!(1)), "{list}");
+    assert_eq!(pos_of(&a), Some(json!(3)), "{list}");
     let (status, r) = s
         .client
         .put(s.url("/api/v1/tasks/priority"))

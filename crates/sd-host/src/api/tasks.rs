@@ -56,6 +56,11 @@ pub async fn task_view(state: &AppState, t: &TaskRecord) -> serde_json::Value {
     } else {
         None
     };
+    task_view_at(state, t, position)
+}
+
+/// [`task_view`] with the queue position already known (a page of tasks reads the queue once).
+fn task_view_at(state: &AppState, t: &TaskRecord, position: Option<usize>) -> serde_json::Value {
     let running = state.queue.running().filter(|r| r.task_id == t.id);
     let progress = match (&running, t.status) {
         (Some(r), _) => {
@@ -172,10 +177,16 @@ async fn list_tasks(
         .repo
         .list_tasks(status, (page - 1) * per_page, per_page)
         .await?;
-    let mut out = Vec::with_capacity(tasks.len());
-    for t in &tasks {
-        out.push(task_view(&state, t).await);
-    }
+    let positions: std::collections::HashMap<String, usize> =
+        if tasks.iter().any(|t| t.status == TaskStatus::Pending) {
+            state.queue.positions(&state).await.into_iter().collect()
+        } else {
+            Default::default()
+        };
+    let out: Vec<_> = tasks
+        .iter()
+        .map(|t| task_view_at(&state, t, positions.get(&t.id).copied()))
+        .collect();
     Ok(Json(
         json!({"tasks": out, "total": total, "page": page, "per_page": per_page}),
     ))
