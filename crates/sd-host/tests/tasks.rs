@@ -89,7 +89,7 @@ async fn sse(
     client: &reqwest::Client,
     url: &str,
     last_id: Option<u64>,
-    mut stop: impl FnMut(&str) -> bool,
+    mut stop: impl FnMut(&str, &Value) -> bool,
 ) -> Vec<(Option<u64>, String, Value)> {
     let mut req = client.get(url);
     if let Some(l) = last_id {
@@ -121,8 +121,9 @@ async fn sse(
             if ev.is_empty() {
                 continue; // keep-alive comment
             }
-            let done = stop(&ev);
-            out.push((id, ev, serde_json::from_str(&data).unwrap_or(Value::Null)));
+            let data = serde_json::from_str(&data).unwrap_or(Value::Null);
+            let done = stop(&ev, &data);
+            out.push((id, ev, data));
             if done {
                 return out;
             }
@@ -131,7 +132,7 @@ async fn sse(
     out
 }
 
-fn terminal(ev: &str) -> bool {
+fn terminal(ev: &str, _: &Value) -> bool {
     matches!(ev, "completed" | "failed" | "cancelled")
 }
 
@@ -340,7 +341,7 @@ async fn batch_cancel_stops_running_and_pending_tasks() {
     wait_status(&s, &running, &["processing"]).await;
     // Let it take a few steps so cancellation happens mid-run.
     let url = s.url(&format!("/api/v1/tasks/{running}/events"));
-    sse(&s.client, &url, None, |e| e == "progress").await;
+    sse(&s.client, &url, None, |e, _| e == "progress").await;
     let r = s
         .client
         .delete(s.url("/api/v1/tasks"))
@@ -645,12 +646,11 @@ async fn queue_stream_sends_snapshots() {
     s.post_json("/api/v1/queue/pause", &json!({})).await;
     let url = s.url("/api/v1/tasks/queue");
     let client = s.client.clone();
-    // Ends at the first snapshot after the initial one (the one the submission causes).
+    // Ends at the first snapshot that lists a pending task (the one the submission causes);
+    // snapshots from the pause or start-up may still arrive before it, in any order.
     let reader = tokio::spawn(async move {
-        let mut n = 0;
-        sse(&client, &url, None, move |_| {
-            n += 1;
-            n >= 2
+        sse(&client, &url, None, |_, d| {
+            d["pending"].as_array().is_some_and(|p| !p.is_empty())
         })
         .await
     });
