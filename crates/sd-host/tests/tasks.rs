@@ -556,14 +556,12 @@ async fn callback_is_retried_after_500_and_delivered() {
         .contains("/api/v1/images/"));
 }
 
-#[test]
-fn restart_requeues_a_task_interrupted_mid_run() {
-    let dir = data_dir_with_models(&[1]);
-    let data = dir.path().join("data");
-    // First server: a real process, killed (SIGKILL) while the task runs.
+/// `sd-host serve` as a real process on `data` (so a test can SIGKILL it); returns it and its URL.
+fn spawn_server_process(data: &Path, env: &[(&str, &str)]) -> (std::process::Child, String) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sd-host"))
         .args(["serve", "--port", "0", "--data-dir"])
-        .arg(&data)
+        .arg(data)
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -578,6 +576,15 @@ fn restart_requeues_a_task_interrupted_mid_run() {
     }
     let base = line.trim().rsplit(' ').next().expect("url").to_string();
     assert!(base.starts_with("http://127.0.0.1:"), "{line}");
+    (child, base)
+}
+
+#[test]
+fn restart_requeues_a_task_interrupted_mid_run() {
+    let dir = data_dir_with_models(&[1]);
+    let data = dir.path().join("data");
+    // First server: a real process, killed (SIGKILL) while the task runs.
+    let (mut child, base) = spawn_server_process(&data, &[]);
     let rt = tokio::runtime::Runtime::new().expect("rt");
     let client = reqwest::Client::new();
     let id = rt.block_on(async {
@@ -637,6 +644,107 @@ fn restart_requeues_a_task_interrupted_mid_run() {
         let t = wait_status(&s, &id, &["cancelled", "completed", "failed"]).await;
         assert_eq!(t["status"], "cancelled");
         let _ = Path::new(&data);
+    });
+}
+
+#[test]
+fn a_callback_cut_short_by_a_crash_is_sent_at_the_next_start() {
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    // The receiver answers 500 until `up` is set, recording every attempt.
+    let hits = Arc::new(Mutex::new(Vec::<Value>::new()));
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (h2, up2) = (hits.clone(), up.clone());
+    let app = axum::Router::new().route(
+        "/cb",
+        axum::routing::post(move |axum::Json(v): axum::Json<Value>| {
+            let (hits, up) = (h2.clone(), up2.clone());
+            async move {
+                hits.lock().expect("lock").push(v);
+                if up.load(Ordering::SeqCst) {
+                    axum::http::StatusCode::OK
+                } else {
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                }
+            }
+        }),
+    );
+    let cb = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let cb = format!("http://{}/cb", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        cb
+    });
+    let dir = data_dir_with_models(&[1]);
+    let (mut child, base) = spawn_server_process(
+        &dir.path().join("data"),
+        &[
+            ("SDHOST__NETWORK__ALLOW_PRIVATE_TARGETS", "true"),
+            ("SDHOST__QUEUE__CALLBACK_RETRIES", "50"),
+        ],
+    );
+    let id = rt.block_on(async {
+        let r: Value = reqwest::Client::new()
+            .post(format!("{base}/api/v1/tasks"))
+            .json(&body(json!({"callback_url": cb})))
+            .send()
+            .await
+            .expect("post")
+            .json()
+            .await
+            .expect("json");
+        let id = r["task_id"].as_str().expect("id").to_string();
+        // The task finished and its callback failed once: the server is now between retries.
+        for _ in 0..1200 {
+            if !hits.lock().expect("lock").is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        id
+    });
+    child.kill().expect("kill");
+    let _ = child.wait();
+    {
+        let first = hits.lock().expect("lock");
+        assert!(
+            !first.is_empty(),
+            "the first server never tried the callback"
+        );
+        assert_eq!(first[0]["task_id"], id.as_str());
+    }
+    up.store(true, Ordering::SeqCst);
+    hits.lock().expect("lock").clear();
+
+    rt.block_on(async {
+        let s = TestServer::start_in(dir, |c| c.network.allow_private_targets = true).await;
+        for _ in 0..200 {
+            if !hits.lock().expect("lock").is_empty()
+                && s.server
+                    .state
+                    .repo
+                    .callbacks_due()
+                    .await
+                    .expect("db")
+                    .is_empty()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let got = hits.lock().expect("lock").clone();
+        assert_eq!(got.len(), 1, "sent again once after the restart: {got:?}");
+        assert_eq!(got[0]["task_id"], id.as_str());
+        assert_eq!(got[0]["status"], "completed");
+        assert!(s
+            .server
+            .state
+            .repo
+            .callbacks_due()
+            .await
+            .expect("db")
+            .is_empty());
     });
 }
 

@@ -212,6 +212,7 @@ async fn delete_model(
                 json!({"task_id": id, "detail": reason}),
                 true,
             );
+            crate::queue::spawn_callback(&state, id);
             failed.push(id.clone());
         }
     }

@@ -101,6 +101,10 @@ pub trait TaskRepo: Send + Sync {
     async fn recover_interrupted(&self, max_attempts: i64) -> DbResult<(u64, u64)>;
     /// Pending or processing tasks that use this model.
     async fn active_tasks_for_model(&self, sha256: &str) -> DbResult<Vec<String>>;
+    /// Finished tasks whose result callback is still owed (oldest first).
+    async fn callbacks_due(&self) -> DbResult<Vec<String>>;
+    /// The callback was delivered, or its retries ran out.
+    async fn callback_settled(&self, id: &str) -> DbResult<()>;
 }
 
 type Row = (
@@ -243,7 +247,8 @@ impl TaskRepo for SqliteRepo {
     ) -> DbResult<bool> {
         let now = now_ms();
         let r = sqlx::query(
-            "UPDATE tasks SET status = ?, images = ?, error_message = ?, updated_at = ?, finished_at = ? \
+            "UPDATE tasks SET status = ?, images = ?, error_message = ?, updated_at = ?, finished_at = ?, \
+               callback_due = CASE WHEN callback_url IS NULL THEN 0 ELSE 1 END \
              WHERE id = ? AND status IN ('pending', 'processing')",
         )
         .bind(status.as_str())
@@ -302,7 +307,8 @@ impl TaskRepo for SqliteRepo {
         let now = now_ms();
         let failed = sqlx::query(
             "UPDATE tasks SET status = 'failed', error_message = 'interrupted twice while processing (server stopped or crashed)', \
-             updated_at = ?, finished_at = ? WHERE status = 'processing' AND attempts >= ?",
+             updated_at = ?, finished_at = ?, callback_due = CASE WHEN callback_url IS NULL THEN 0 ELSE 1 END \
+             WHERE status = 'processing' AND attempts >= ?",
         )
         .bind(now)
         .bind(now)
@@ -329,6 +335,22 @@ impl TaskRepo for SqliteRepo {
         .bind(format!("%{sha256}%"))
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    async fn callbacks_due(&self) -> DbResult<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM tasks WHERE callback_due = 1 ORDER BY finished_at, seq",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn callback_settled(&self, id: &str) -> DbResult<()> {
+        sqlx::query("UPDATE tasks SET callback_due = 0 WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 }
 
@@ -432,5 +454,36 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((page.len(), total), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_callback_is_owed_from_the_terminal_update_until_settled() {
+        let (_d, r) = repo().await;
+        let mut with_cb = task("cb", 0);
+        with_cb.callback_url = Some("http://example.com/hook".into());
+        r.insert_task(&with_cb).await.unwrap();
+        r.insert_task(&task("plain", 0)).await.unwrap();
+        r.insert_task(&task("crashed", 0)).await.unwrap();
+        let mut crashed_cb = task("crashed_cb", 0);
+        crashed_cb.callback_url = Some("http://example.com/hook".into());
+        r.insert_task(&crashed_cb).await.unwrap();
+        assert!(
+            r.callbacks_due().await.unwrap().is_empty(),
+            "nothing finished yet"
+        );
+        r.finish_task("cb", TaskStatus::Completed, &[], None)
+            .await
+            .unwrap();
+        r.finish_task("plain", TaskStatus::Completed, &[], None)
+            .await
+            .unwrap();
+        // A task failed by crash recovery owes its callback too.
+        for id in ["crashed", "crashed_cb"] {
+            r.mark_processing(id).await.unwrap();
+        }
+        r.recover_interrupted(1).await.unwrap();
+        assert_eq!(r.callbacks_due().await.unwrap(), ["cb", "crashed_cb"]);
+        r.callback_settled("cb").await.unwrap();
+        assert_eq!(r.callbacks_due().await.unwrap(), ["crashed_cb"]);
     }
 }

@@ -600,7 +600,10 @@ fn generate_params(
 }
 
 /// POSTs the task's result to its callback URL in the background.
-fn spawn_callback(state: &AppState, id: &str) {
+/// Delivers the task's result callback in the background. The row says a callback is owed
+/// (`callback_due`, set with the terminal status) until it is delivered or its retries run out, so
+/// one cut short by a stop or crash is sent again by [`resend_due_callbacks`] at the next start.
+pub(crate) fn spawn_callback(state: &AppState, id: &str) {
     let (st, id) = (state.clone(), id.to_string());
     tokio::spawn(async move {
         let Ok(Some(task)) = st.repo.get_task(&id).await else {
@@ -622,5 +625,17 @@ fn spawn_callback(state: &AppState, id: &str) {
             Ok(n) => tracing::info!(task = %id, attempts = n, "callback delivered"),
             Err(e) => tracing::warn!(task = %id, error = %e, "callback not delivered"),
         }
+        if let Err(e) = st.repo.callback_settled(&id).await {
+            tracing::warn!(task = %id, error = %e, "recording the callback outcome");
+        }
     });
+}
+
+/// At start: sends the callbacks that a stop or crash left owed (at-least-once delivery).
+pub(crate) async fn resend_due_callbacks(state: &AppState) -> crate::db::DbResult<usize> {
+    let due = state.repo.callbacks_due().await?;
+    for id in &due {
+        spawn_callback(state, id);
+    }
+    Ok(due.len())
 }
