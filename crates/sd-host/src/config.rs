@@ -166,6 +166,9 @@ impl Default for CivitaiConfig {
 pub struct NetworkConfig {
     /// Allow callbacks and downloads to loopback/private/link-local addresses (tests set this).
     pub allow_private_targets: bool,
+    /// Hosts exempt from that rule, as `host` (any port) or `host:port`: a LAN model mirror or a
+    /// callback receiver on the NAS, without opening every internal address.
+    pub allowed_private_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

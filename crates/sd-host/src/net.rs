@@ -1,7 +1,32 @@
 //! Outbound URL policy for callbacks and downloads: no loopback, private, link-local or otherwise
-//! internal targets unless `network.allow_private_targets` is set.
+//! internal targets unless `network.allow_private_targets` is set or the host is listed in
+//! `network.allowed_private_hosts`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::config::NetworkConfig;
+
+/// Whether `u` may reach internal addresses: everything when allowed, else only listed hosts.
+fn exempt(u: &reqwest::Url, policy: &NetworkConfig) -> bool {
+    if policy.allow_private_targets {
+        return true;
+    }
+    let Some(host) = u.host_str() else {
+        return false;
+    };
+    let host = host.to_ascii_lowercase();
+    let port = u.port_or_known_default();
+    policy.allowed_private_hosts.iter().any(|entry| {
+        let entry = entry.trim().to_ascii_lowercase();
+        if entry == host {
+            return true;
+        }
+        match entry.rsplit_once(':') {
+            Some((h, p)) => h == host && p.parse::<u16>().ok() == port,
+            None => false,
+        }
+    })
+}
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum UrlPolicyError {
@@ -9,7 +34,7 @@ pub enum UrlPolicyError {
     Invalid(String),
     #[error("only http and https URLs are allowed")]
     Scheme,
-    #[error("URL targets a private, loopback or link-local address ({0}); set network.allow_private_targets to allow it")]
+    #[error("URL targets a private, loopback or link-local address ({0}); set network.allow_private_targets or list the host in network.allowed_private_hosts to allow it")]
     Private(String),
     #[error("cannot resolve host {0}")]
     Resolve(String),
@@ -48,7 +73,7 @@ fn is_private_v4(ip: Ipv4Addr) -> bool {
 }
 
 /// Syntax and scheme check, plus a literal-IP / `localhost` check; no DNS (for validation at submit).
-pub fn check_url_syntax(url: &str, allow_private: bool) -> Result<reqwest::Url, UrlPolicyError> {
+pub fn check_url_syntax(url: &str, policy: &NetworkConfig) -> Result<reqwest::Url, UrlPolicyError> {
     let u = reqwest::Url::parse(url).map_err(|e| UrlPolicyError::Invalid(e.to_string()))?;
     if !matches!(u.scheme(), "http" | "https") {
         return Err(UrlPolicyError::Scheme);
@@ -56,7 +81,7 @@ pub fn check_url_syntax(url: &str, allow_private: bool) -> Result<reqwest::Url, 
     let host = u
         .host()
         .ok_or_else(|| UrlPolicyError::Invalid("URL has no host".into()))?;
-    if allow_private {
+    if exempt(&u, policy) {
         return Ok(u);
     }
     let private = match host {
@@ -77,7 +102,7 @@ pub fn check_url_syntax(url: &str, allow_private: bool) -> Result<reqwest::Url, 
 /// Returns the addresses so the caller can pin the connection to them (no DNS rebinding).
 pub async fn resolve_checked(
     url: &reqwest::Url,
-    allow_private: bool,
+    policy: &NetworkConfig,
 ) -> Result<Vec<SocketAddr>, UrlPolicyError> {
     let host = url
         .host_str()
@@ -93,7 +118,7 @@ pub async fn resolve_checked(
     if addrs.is_empty() {
         return Err(UrlPolicyError::Resolve(host));
     }
-    if !allow_private {
+    if !exempt(url, policy) {
         if let Some(a) = addrs.iter().find(|a| is_private_ip(a.ip())) {
             return Err(UrlPolicyError::Private(a.ip().to_string()));
         }
@@ -104,10 +129,10 @@ pub async fn resolve_checked(
 /// A client for one request to `url`: DNS pinned to the checked addresses, redirects not followed.
 pub async fn pinned_client(
     url: &reqwest::Url,
-    allow_private: bool,
+    policy: &NetworkConfig,
     timeout: std::time::Duration,
 ) -> Result<reqwest::Client, UrlPolicyError> {
-    let addrs = resolve_checked(url, allow_private).await?;
+    let addrs = resolve_checked(url, policy).await?;
     let host = url.host_str().unwrap_or_default().to_string();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -122,6 +147,13 @@ pub async fn pinned_client(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn policy(allow_private: bool) -> NetworkConfig {
+        NetworkConfig {
+            allow_private_targets: allow_private,
+            ..Default::default()
+        }
+    }
 
     #[test]
     fn private_targets_refused_unless_allowed() {
@@ -138,21 +170,21 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    check_url_syntax(bad, false),
+                    check_url_syntax(bad, &policy(false)),
                     Err(UrlPolicyError::Private(_))
                 ),
                 "{bad}"
             );
-            assert!(check_url_syntax(bad, true).is_ok(), "{bad}");
+            assert!(check_url_syntax(bad, &policy(true)).is_ok(), "{bad}");
         }
-        assert!(check_url_syntax("https://example.com/cb", false).is_ok());
-        assert!(check_url_syntax("http://8.8.8.8/", false).is_ok());
+        assert!(check_url_syntax("https://example.com/cb", &policy(false)).is_ok());
+        assert!(check_url_syntax("http://8.8.8.8/", &policy(false)).is_ok());
         assert_eq!(
-            check_url_syntax("file:///etc/passwd", true),
+            check_url_syntax("file:///etc/passwd", &policy(true)),
             Err(UrlPolicyError::Scheme)
         );
         assert!(matches!(
-            check_url_syntax("not a url", true),
+            check_url_syntax("not a url", &policy(true)),
             Err(UrlPolicyError::Invalid(_))
         ));
     }
@@ -161,9 +193,45 @@ mod tests {
     async fn resolution_checks_every_address() {
         let u = reqwest::Url::parse("http://localhost:1/").unwrap();
         assert!(matches!(
-            resolve_checked(&u, false).await,
+            resolve_checked(&u, &policy(false)).await,
             Err(UrlPolicyError::Private(_))
         ));
-        assert!(resolve_checked(&u, true).await.is_ok());
+        assert!(resolve_checked(&u, &policy(true)).await.is_ok());
+    }
+
+    #[test]
+    fn listed_private_hosts_are_exempt_and_nothing_else() {
+        let p = NetworkConfig {
+            allow_private_targets: false,
+            allowed_private_hosts: vec!["nas.local".into(), "127.0.0.1:8123".into()],
+        };
+        assert!(check_url_syntax("http://127.0.0.1:8123/hook", &p).is_ok());
+        assert!(check_url_syntax("http://NAS.local:9000/x", &p).is_ok());
+        for bad in [
+            "http://127.0.0.1:8124/hook",
+            "http://127.0.0.1/hook",
+            "http://10.0.0.2:8123/",
+            "http://localhost:8123/",
+        ] {
+            assert!(
+                matches!(check_url_syntax(bad, &p), Err(UrlPolicyError::Private(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_listed_host_resolves_to_private_addresses() {
+        let p = NetworkConfig {
+            allow_private_targets: false,
+            allowed_private_hosts: vec!["localhost:1".into()],
+        };
+        let ok = reqwest::Url::parse("http://localhost:1/").unwrap();
+        assert!(resolve_checked(&ok, &p).await.is_ok());
+        let other_port = reqwest::Url::parse("http://localhost:2/").unwrap();
+        assert!(matches!(
+            resolve_checked(&other_port, &p).await,
+            Err(UrlPolicyError::Private(_))
+        ));
     }
 }

@@ -95,7 +95,10 @@ async fn startup(state: &AppState) -> anyhow::Result<()> {
     state.queue.start(state.clone());
     let owed = crate::queue::resend_due_callbacks(state).await?;
     if owed > 0 {
-        tracing::info!(callbacks = owed, "resending result callbacks owed before the last stop");
+        tracing::info!(
+            callbacks = owed,
+            "resending result callbacks owed before the last stop"
+        );
     }
     crate::images::store::spawn_sweeper(state, std::time::Duration::from_secs(3600));
     Ok(())

@@ -1043,6 +1043,89 @@ async fn download_resumes_after_server_restart() {
     assert_eq!(std::fs::read(file).expect("installed"), v.bytes);
 }
 
+/// What a restart finds in `.part` decides the 416 path: a part as long as the file is verified
+/// as it is (no second body), a part longer than the file is thrown away and fetched from zero.
+#[tokio::test]
+async fn range_not_satisfiable_verifies_a_complete_part_or_restarts_from_zero() {
+    let fake = start_fake().await;
+    let (complete, too_long) = (lora_version(41, 4, 81), lora_version(42, 4, 82));
+    fake.add(complete.clone());
+    fake.add(too_long.clone());
+    {
+        let mut g = fake.lock();
+        g.stall_next = 2;
+        g.cut_at = 100_000;
+    }
+    let ts = start_with_fake(&fake).await;
+    let mut shas = vec![];
+    for id in [41, 42] {
+        let (code, r) = post(
+            &ts,
+            "/api/v1/models/add-from-civitai",
+            json!({"model_version_id": id}),
+        )
+        .await;
+        assert_eq!(code, 202, "{r}");
+        shas.push(r["sha256"].as_str().expect("sha").to_string());
+    }
+    let part = |v: &FakeVersion| {
+        models_dir(&ts)
+            .join("lora")
+            .join(format!("{}.part", v.disposition_name))
+    };
+    let (p_complete, p_long) = (part(&complete), part(&too_long));
+    for p in [&p_complete, &p_long] {
+        for _ in 0..600 {
+            if std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) >= 100_000 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let TestServer { server, dir, .. } = ts;
+    server.stop().await.expect("stop");
+    // While stopped: one part got all its bytes, the other more bytes than the file has.
+    std::fs::write(&p_complete, &complete.bytes).expect("complete part");
+    let mut long = too_long.bytes.clone();
+    long.extend_from_slice(b"stale bytes from another file");
+    std::fs::write(&p_long, &long).expect("long part");
+    let before = fake.storage().len();
+
+    let base = fake.base_url.clone();
+    let ts = TestServer::start_in(dir, move |c| c.civitai.base_url = base).await;
+    for sha in &shas {
+        wait_status(&ts, sha, "ready").await;
+    }
+    let reqs = fake.storage()[before..].to_vec();
+    let ranged = |n: usize| Some(format!("bytes={n}-"));
+    assert_eq!(
+        reqs.iter()
+            .filter(|r| r.range == ranged(complete.bytes.len()))
+            .count(),
+        1,
+        "{reqs:?}"
+    );
+    assert_eq!(
+        reqs.iter()
+            .filter(|r| r.range == ranged(long.len()))
+            .count(),
+        1,
+        "{reqs:?}"
+    );
+    // Only the too-long part needed its body again, from zero.
+    assert_eq!(
+        reqs.iter().filter(|r| r.range.is_none()).count(),
+        1,
+        "{reqs:?}"
+    );
+    assert_eq!(reqs.len(), 3, "{reqs:?}");
+    for v in [&complete, &too_long] {
+        let file = models_dir(&ts).join("lora").join(&v.disposition_name);
+        assert_eq!(std::fs::read(file).expect("installed"), v.bytes);
+    }
+    assert!(!p_complete.exists() && !p_long.exists());
+}
+
 #[tokio::test]
 async fn hash_mismatch_fails_and_removes_partial_file() {
     let fake = start_fake().await;
@@ -1188,6 +1271,38 @@ async fn private_targets_refused_unless_allowed() {
         "{r}"
     );
     assert_eq!(fake.downloads(), 0);
+}
+
+/// An allowed (listed) Civitai host cannot bounce the download to another internal address: the
+/// policy is checked again at every redirect hop, and the storage host is never contacted.
+#[tokio::test]
+async fn redirect_to_an_unlisted_private_address_is_refused_mid_chain() {
+    let fake = start_fake().await;
+    fake.add(lora_version(91, 9, 16));
+    let base = fake.base_url.clone();
+    let api_host = base.trim_start_matches("http://").to_string();
+    let ts = TestServer::start_with(move |c| {
+        c.civitai.base_url = base;
+        c.network.allow_private_targets = false;
+        c.network.allowed_private_hosts = vec![api_host];
+    })
+    .await;
+    let (code, r) = post(
+        &ts,
+        "/api/v1/models/add-from-civitai",
+        json!({"model_version_id": 91}),
+    )
+    .await;
+    assert_eq!(code, 202, "the listed API host is reachable: {r}");
+    let sha = r["sha256"].as_str().expect("sha").to_string();
+    let m = wait_status(&ts, &sha, "failed").await;
+    let err = m["error"].as_str().unwrap_or_default();
+    assert!(err.contains("private"), "{m}");
+    assert_eq!(fake.downloads(), 1, "the Civitai hop was made");
+    assert!(
+        fake.storage().is_empty(),
+        "the redirect target was never contacted"
+    );
 }
 
 /// Hashing throughput against `sha256sum` on the same (page-cached) file. Ignored by default; run

@@ -377,10 +377,10 @@ pub fn is_civitai_origin(u: &url::Url, base_url: &str) -> bool {
 
 /// GET a Civitai API path (JSON), with the token, no redirects, public targets only.
 async fn get_json(config: &Config, path: &str) -> Result<Value, CivitaiError> {
-    let allow = config.network.allow_private_targets;
+    let policy = &config.network;
     let url = format!("{}{path}", config.civitai.base_url.trim_end_matches('/'));
-    let u = crate::net::check_url_syntax(&url, allow)?;
-    let client = crate::net::pinned_client(&u, allow, Duration::from_secs(30)).await?;
+    let u = crate::net::check_url_syntax(&url, policy)?;
+    let client = crate::net::pinned_client(&u, policy, Duration::from_secs(30)).await?;
     let mut req = client.get(u.clone()).header("accept", "application/json");
     if let Some(t) = &config.civitai.token {
         req = req.bearer_auth(t.expose());

@@ -291,8 +291,11 @@ pub fn sanitize_name(name: &str) -> Option<String> {
 
 /// A client for one hop: addresses checked and pinned, no redirects, no whole-body timeout
 /// (a multi-GB file takes long) but connect and read timeouts so a dead peer is noticed.
-async fn hop_client(url: &reqwest::Url, allow_private: bool) -> Result<reqwest::Client, DlError> {
-    let addrs = crate::net::resolve_checked(url, allow_private).await?;
+async fn hop_client(
+    url: &reqwest::Url,
+    policy: &crate::config::NetworkConfig,
+) -> Result<reqwest::Client, DlError> {
+    let addrs = crate::net::resolve_checked(url, policy).await?;
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(30))
@@ -309,10 +312,10 @@ async fn request(
     have: u64,
     validator: Option<&str>,
 ) -> Result<reqwest::Response, DlError> {
-    let allow = config.network.allow_private_targets;
-    let mut u = crate::net::check_url_syntax(url, allow)?;
+    let policy = &config.network;
+    let mut u = crate::net::check_url_syntax(url, policy)?;
     for _ in 0..MAX_REDIRECTS {
-        let client = hop_client(&u, allow).await?;
+        let client = hop_client(&u, policy).await?;
         let mut req = client.get(u.clone());
         if let Some(t) = &config.civitai.token {
             if is_civitai_origin(&u, &config.civitai.base_url) {
@@ -338,7 +341,7 @@ async fn request(
             let next = u
                 .join(loc)
                 .map_err(|e| DlError::Fatal(format!("bad redirect: {e}")))?;
-            u = crate::net::check_url_syntax(next.as_str(), allow)?;
+            u = crate::net::check_url_syntax(next.as_str(), policy)?;
             continue;
         }
         return Ok(resp);

@@ -11,16 +11,16 @@ pub async fn deliver(
     url: &str,
     payload: &serde_json::Value,
     retries: u32,
-    allow_private: bool,
+    policy: &crate::config::NetworkConfig,
     first_backoff: Duration,
 ) -> Result<u32, String> {
-    let parsed = net::check_url_syntax(url, allow_private).map_err(|e| e.to_string())?;
+    let parsed = net::check_url_syntax(url, policy).map_err(|e| e.to_string())?;
     let mut backoff = first_backoff;
     let mut last_err = String::new();
     // `retries` counts the attempts after the first.
     let attempts = retries + 1;
     for attempt in 1..=attempts {
-        match net::pinned_client(&parsed, allow_private, Duration::from_secs(10)).await {
+        match net::pinned_client(&parsed, policy, Duration::from_secs(10)).await {
             Ok(client) => match client.post(parsed.clone()).json(payload).send().await {
                 Ok(r) if r.status().is_success() => return Ok(attempt),
                 Ok(r) if r.status().is_server_error() => {

@@ -617,7 +617,7 @@ pub(crate) fn spawn_callback(state: &AppState, id: &str) {
             &url,
             &payload,
             st.config.queue.callback_retries,
-            st.config.network.allow_private_targets,
+            &st.config.network,
             Duration::from_millis(500),
         )
         .await;

@@ -82,14 +82,14 @@ impl QueueHandle {
     ) -> ApiResult<(TaskRecord, usize)> {
         let limits = &state.config.limits;
         request::validate_shape(&req, limits)?;
-        let allow_private = state.config.network.allow_private_targets;
+        let policy = &state.config.network;
         if let Some(cb) = &req.callback_url {
-            let url = crate::net::check_url_syntax(cb, allow_private)
+            let url = crate::net::check_url_syntax(cb, policy)
                 .map_err(|e| field("callback_url", e.to_string()))?;
             // A public-looking name that resolves to a private address is refused now too
             // (and checked again at delivery). A name that does not resolve yet is allowed.
             if let Err(e @ crate::net::UrlPolicyError::Private(_)) =
-                crate::net::resolve_checked(&url, allow_private).await
+                crate::net::resolve_checked(&url, policy).await
             {
                 return Err(field("callback_url", e.to_string()));
             }
