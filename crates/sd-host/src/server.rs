@@ -100,8 +100,30 @@ async fn startup(state: &AppState) -> anyhow::Result<()> {
             "resending result callbacks owed before the last stop"
         );
     }
-    crate::images::store::spawn_sweeper(state, std::time::Duration::from_secs(3600));
+    spawn_sweeper(state, std::time::Duration::from_secs(3600));
     Ok(())
+}
+
+/// Garbage collection at start and then every `period`: image blobs without a row, task inputs no
+/// active task uses. The periodic pass spares files younger than 10 minutes, which another
+/// process (or a submission in flight) may be between writing and recording.
+fn spawn_sweeper(state: &AppState, period: std::time::Duration) {
+    let state = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        let mut min_age = std::time::Duration::ZERO;
+        loop {
+            tick.tick().await;
+            if let Err(e) = crate::images::store::sweep_orphans(&state, min_age).await {
+                tracing::warn!(error = %e, "image sweep failed");
+            }
+            let inputs_min_age = min_age.max(std::time::Duration::from_secs(600));
+            if let Err(e) = crate::queue::inputs::sweep_unused(&state, inputs_min_age).await {
+                tracing::warn!(error = %e, "task input sweep failed");
+            }
+            min_age = std::time::Duration::from_secs(600);
+        }
+    });
 }
 
 /// `sd-host serve`: run until SIGINT/SIGTERM, then shut down gracefully.

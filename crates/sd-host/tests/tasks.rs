@@ -511,6 +511,76 @@ async fn invalid_requests_are_rejected_and_nothing_is_queued() {
     );
 }
 
+fn png_data_url(w: u32, h: u32, rgb: [u8; 3]) -> String {
+    let img = image::RgbImage::from_pixel(w, h, image::Rgb(rgb));
+    let mut out = Vec::new();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .expect("png");
+    use base64::Engine as _;
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(out)
+    )
+}
+
+/// img2img inputs live under data/inputs while a task may still run, then the sweep removes them.
+#[tokio::test]
+async fn img2img_inputs_are_kept_for_active_tasks_and_swept_after() {
+    let s = server_with_models(&[1], |_| {}).await;
+    let inputs = s.server.state.inputs_dir();
+    let files = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&inputs)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let done = submit(
+        &s,
+        json!({"init_image": png_data_url(64, 64, [200, 30, 30]), "strength": 0.6}),
+    )
+    .await;
+    let t = wait_status(&s, &done, &["completed", "failed"]).await;
+    assert_eq!(t["status"], "completed", "{t}");
+    assert_eq!(t["params"]["strength"], 0.6, "{t}");
+    let done_input = t["params"]["init_image"]
+        .as_str()
+        .expect("input")
+        .to_string();
+    s.post_json("/api/v1/queue/pause", &json!({})).await;
+    let waiting = submit(
+        &s,
+        json!({"init_image": png_data_url(64, 64, [30, 30, 200]),
+               "mask": png_data_url(64, 64, [255, 255, 255])}),
+    )
+    .await;
+    let p = task(&s, &waiting).await["params"].clone();
+    let keep = [&p["init_image"], &p["mask"]].map(|v| v.as_str().expect("stored").to_string());
+    assert_eq!(files().len(), 3, "{:?}", files());
+
+    let removed = sd_host::queue::inputs::sweep_unused(&s.server.state, Duration::ZERO)
+        .await
+        .expect("sweep");
+    assert_eq!(removed, 1);
+    let mut want = keep.to_vec();
+    want.sort();
+    assert_eq!(files(), want, "only the finished task's input went");
+    assert!(!files().contains(&done_input));
+    // The waiting task still runs from its kept inputs.
+    s.post_json("/api/v1/queue/resume", &json!({})).await;
+    let t = wait_status(&s, &waiting, &["completed", "failed"]).await;
+    assert_eq!(t["status"], "completed", "{t}");
+    sd_host::queue::inputs::sweep_unused(&s.server.state, Duration::ZERO)
+        .await
+        .expect("sweep");
+    assert!(files().is_empty(), "{:?}", files());
+}
+
 #[tokio::test]
 async fn callback_is_retried_after_500_and_delivered() {
     use axum::routing::post;

@@ -142,25 +142,6 @@ pub async fn sweep_orphans(state: &AppState, min_age: std::time::Duration) -> Ap
     Ok(removed)
 }
 
-/// Startup sweep, then one every `period` (call once from server startup).
-pub fn spawn_sweeper(state: &AppState, period: std::time::Duration) {
-    let state = state.clone();
-    tokio::spawn(async move {
-        if let Err(e) = sweep_orphans(&state, std::time::Duration::ZERO).await {
-            tracing::warn!(error = %e, "startup image sweep failed");
-        }
-        let mut tick = tokio::time::interval(period);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            // A grace period: another process sharing the store may be between blob and row.
-            if let Err(e) = sweep_orphans(&state, std::time::Duration::from_secs(600)).await {
-                tracing::warn!(error = %e, "periodic image sweep failed");
-            }
-        }
-    });
-}
-
 pub fn normalise_format(f: &str) -> &'static str {
     match f.to_ascii_lowercase().as_str() {
         "jpg" | "jpeg" => "jpeg",

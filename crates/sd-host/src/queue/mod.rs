@@ -6,6 +6,7 @@
 //! waiting on a subscriber.
 
 pub mod callback;
+pub mod inputs;
 pub mod request;
 pub mod scheduler;
 pub mod submit;

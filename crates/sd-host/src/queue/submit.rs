@@ -279,10 +279,7 @@ impl QueueHandle {
         }
         let schedule_type = Some(schedule_type);
         let store_input = |up: &request::Upload| -> ApiResult<String> {
-            let sha = crate::storage::sha256_hex(&up.bytes);
-            crate::util::write_file_atomic(&state.inputs_dir().join(&sha), &up.bytes)
-                .map_err(ApiError::internal)?;
-            Ok(sha)
+            super::inputs::store(state, &up.bytes).map_err(ApiError::internal)
         };
         let init_sha = init.as_ref().map(store_input).transpose()?;
         let mask_sha = mask.as_ref().map(store_input).transpose()?;
