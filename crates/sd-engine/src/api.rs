@@ -120,11 +120,15 @@ pub struct Progress {
     pub preview: Option<RgbImage>,
 }
 
-/// The progress callback's answer: go on, or stop at this step boundary.
+/// The progress callback's answer at a step boundary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
     Continue,
+    /// Stop the whole call: [`crate::EngineError::Cancelled`].
     Cancel,
+    /// Stop sampling the current image, decode it as it stands, and go on with the next one
+    /// (A1111's "skip").
+    SkipImage,
 }
 
 /// One LoRA-family file (LoRA, LoCon, LoHA, LoKr) to apply with a strength.
@@ -191,7 +195,7 @@ pub trait Backend: Send {
     fn unload(&mut self);
     fn loaded(&self) -> Option<&CheckpointInfo>;
     /// Make `params.num_images` images. Returns [`crate::EngineError::Cancelled`] when the
-    /// callback answers [`Control::Cancel`].
+    /// callback answers [`Control::Cancel`]; [`Control::SkipImage`] cuts one image short.
     fn generate(
         &mut self,
         params: &GenerateParams,

@@ -409,8 +409,10 @@ impl CpuEngine {
                 image_index: index,
                 preview,
             };
-            if progress(&report) == Control::Cancel {
-                return Err(EngineError::Cancelled);
+            match progress(&report) {
+                Control::Continue => {}
+                Control::Cancel => return Err(EngineError::Cancelled),
+                Control::SkipImage => break,
             }
         }
         let z = latents.affine(1.0 / scaling_factor(ck.info.family), 0.0)?;
@@ -678,6 +680,31 @@ mod tests {
             e.generate(&p, &mut |_| Control::Continue),
             Err(EngineError::NoCheckpoint)
         ));
+    }
+
+    #[test]
+    fn skip_cuts_one_image_short_and_the_next_is_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut e = engine(Family::Sd1, false, dir.path());
+        let mut p = params(32, 32);
+        p.steps = 4;
+        p.num_images = 2;
+        let full = e.generate(&p, &mut |_| Control::Continue).expect("full");
+        let mut steps_seen = vec![];
+        let skipped = e
+            .generate(&p, &mut |r| {
+                steps_seen.push((r.image_index, r.step));
+                if r.image_index == 0 && r.step == 1 {
+                    Control::SkipImage
+                } else {
+                    Control::Continue
+                }
+            })
+            .expect("skipped");
+        assert_eq!(skipped.len(), 2);
+        assert_eq!(steps_seen, [(0, 1), (1, 1), (1, 2), (1, 3), (1, 4)]);
+        assert_ne!(skipped[0], full[0], "image 0 stopped after one step");
+        assert_eq!(skipped[1], full[1], "image 1 is untouched by the skip");
     }
 
     /// An embedding file whose vectors are the checkpoint's own token embeddings of `words`,

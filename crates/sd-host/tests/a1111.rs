@@ -661,20 +661,28 @@ async fn progress_and_interrupt() {
     let (_, p) = s.get_json("/sdapi/v1/progress").await;
     assert_eq!(p["state"]["job_count"], 0);
 
-    // skip stops the running task the same way.
-    let (client, url) = (s.client.clone(), s.url("/sdapi/v1/txt2img"));
+    // skip cuts only the image in progress short; the batch goes on and the call returns both.
+    let job = t2i(json!({"steps": 150, "width": 64, "height": 64, "batch_size": 2, "seed": 11}));
+    let (client, url, body) = (s.client.clone(), s.url("/sdapi/v1/txt2img"), job.clone());
     let call = tokio::spawn(async move {
-        client
-            .post(url)
-            .json(&long_job())
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
+        let r = client.post(url).json(&body).send().await.expect("request");
+        (r.status().as_u16(), r.json::<Value>().await.expect("json"))
     });
-    wait_sampling(&s).await;
-    let (st, _) = s.post_json("/sdapi/v1/skip", &json!({})).await;
-    assert_eq!(st, 200);
-    assert_eq!(call.await.expect("joined").expect("response"), 200);
+    let p = wait_sampling(&s).await;
+    assert_eq!(p["state"]["job_no"], 0, "{p}");
+    let (st, v) = s.post_json("/sdapi/v1/skip", &json!({})).await;
+    assert_eq!((st, v), (200, json!({})));
+    let (st, skipped) = call.await.expect("joined");
+    assert_eq!(st, 200, "{skipped}");
+    assert_eq!(info(&skipped)["interrupted"], false, "{skipped}");
+    let (_, tasks) = s.get_json("/api/v1/tasks").await;
+    assert_eq!(tasks["tasks"][0]["status"], "completed");
+    let (st, full) = s.post_json("/sdapi/v1/txt2img", &job).await;
+    assert_eq!(st, 200, "{full}");
+    let (a, b) = (&skipped["images"], &full["images"]);
+    assert_eq!(a.as_array().map(Vec::len), Some(2), "both images returned");
+    assert_ne!(a[0], b[0], "the first image stopped early");
+    assert_eq!(a[1], b[1], "the second image ran in full, unchanged");
 }
 
 #[tokio::test]
@@ -785,13 +793,19 @@ async fn webuiapi_client_works_against_the_server() {
         eprintln!("SKIPPED: no SDHOST_TEST_PYTHON (run scripts/test.sh to build the test venv)");
         return;
     };
-    let s = server().await;
+    // Behind an API key, which the client sends as A1111's `--api-auth` HTTP Basic password.
+    const KEY: &str = "webui-client-key";
+    let s = TestServer::start_in(data_dir(), |c| {
+        c.api.keys = vec![sd_host::config::Secret(KEY.into())]
+    })
+    .await;
     let base = s.url("/sdapi/v1");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/a1111_client.py");
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(&python)
             .arg(script)
             .arg(&base)
+            .arg(KEY)
             .output()
     })
     .await

@@ -1,5 +1,6 @@
-"""The real `webuiapi` client (PyPI) against a running SD-Host: usage `a1111_client.py BASE_URL`
-where BASE_URL ends in /sdapi/v1. Exits non-zero on the first failed check. Driven by tests/a1111.rs."""
+"""The real `webuiapi` client (PyPI) against a running SD-Host: usage `a1111_client.py BASE_URL [KEY]`
+where BASE_URL ends in /sdapi/v1 and KEY, if given, is an API key sent the way A1111's `--api-auth`
+clients do (HTTP Basic). Exits non-zero on the first failed check. Driven by tests/a1111.rs."""
 
 import sys
 import threading
@@ -17,6 +18,10 @@ def check(cond, what):
 def main():
     base = sys.argv[1]
     api = webuiapi.WebUIApi(baseurl=base, sampler="Euler a", steps=2)
+    if len(sys.argv) > 2:
+        r = api.session.get(f"{base}/sd-models")
+        check(r.status_code == 401, f"refused without credentials: {r.status_code}")
+        api.set_auth("webui", sys.argv[2])
 
     models = api.get_sd_models()
     titles = sorted(m["title"] for m in models)

@@ -151,6 +151,30 @@ async fn api_key_required_and_accepted_in_header_or_bearer() {
         .await
         .unwrap();
     assert_eq!(bearer.status(), 200);
+    // A1111 `--api-auth` clients send HTTP Basic: any user name, the key as the password.
+    for (user, pass, want) in [
+        ("webui", Some(KEY.to_string()), 200),
+        ("", Some(KEY.to_string()), 200),
+        ("webui", Some(format!("{KEY}x")), 401),
+        (KEY, None, 401),
+    ] {
+        let r = s
+            .client
+            .get(s.url("/sdapi/v1/samplers"))
+            .basic_auth(user, pass)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), want, "basic {user:?}");
+    }
+    let garbled = s
+        .client
+        .get(s.url("/api/v1/version"))
+        .header("authorization", "Basic !!!")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(garbled.status(), 401);
     // metrics and docs are behind the key too
     assert_eq!(s.get("/metrics").await.status(), 401);
 }

@@ -750,18 +750,19 @@ async fn img2img(
 // ---------------------------------------------------------------------------------------------------
 // Progress and control
 
-/// Task ids stopped through `interrupt`/`skip`, so `progress` can report it (newest last, bounded).
-static STOPPED: Mutex<Vec<(String, bool)>> = Mutex::new(Vec::new());
+/// How a task was stopped through `interrupt` (`None`) or `skip` (`Some(image index)`), so
+/// `progress` can report it (newest last, bounded).
+static STOPPED: Mutex<Vec<(String, Option<u32>)>> = Mutex::new(Vec::new());
 
-fn remember_stopped(id: &str, skipped: bool) {
+fn remember_stopped(id: &str, skipped_image: Option<u32>) {
     let mut s = STOPPED.lock().unwrap_or_else(|p| p.into_inner());
-    s.push((id.to_string(), skipped));
+    s.push((id.to_string(), skipped_image));
     if s.len() > 64 {
         s.remove(0);
     }
 }
 
-fn stopped(id: &str) -> Option<bool> {
+fn stopped(id: &str) -> Option<Option<u32>> {
     let s = STOPPED.lock().unwrap_or_else(|p| p.into_inner());
     s.iter().rev().find(|(i, _)| i == id).map(|(_, sk)| *sk)
 }
@@ -817,8 +818,9 @@ async fn progress(
         "progress": progress,
         "eta_relative": eta_relative,
         "state": {
-            "skipped": stop == Some(true),
-            "interrupted": stop == Some(false),
+            // A1111 clears `skipped` when the next image starts.
+            "skipped": stop == Some(Some(r.image_index)),
+            "interrupted": stop == Some(None),
             "stopping_generation": false,
             "job": format!("task({})", r.task_id),
             "job_count": job_count,
@@ -832,24 +834,24 @@ async fn progress(
     })))
 }
 
-fn stop_running(state: &AppState, skipped: bool) {
-    if let Some(r) = state.queue.running() {
-        remember_stopped(&r.task_id, skipped);
-        state.queue.cancel_running(Some(&r.task_id));
-    }
-}
-
 /// Stops the running task at its next step (its `txt2img` call returns what finished: nothing).
 #[utoipa::path(post, path = "/sdapi/v1/interrupt", tag = "a1111", responses((status = 200)))]
 async fn interrupt(State(state): State<AppState>) -> Json<Value> {
-    stop_running(&state, false);
+    if let Some(r) = state.queue.running() {
+        remember_stopped(&r.task_id, None);
+        state.queue.cancel_running(Some(&r.task_id));
+    }
     Json(json!({}))
 }
 
-/// Like `interrupt`: SD-Host cannot skip a single image of a batch, so the whole task stops.
+/// Stops sampling the image in progress at its next step; it is decoded as it stands (as A1111
+/// does) and the batch goes on with its next image.
 #[utoipa::path(post, path = "/sdapi/v1/skip", tag = "a1111", responses((status = 200)))]
 async fn skip(State(state): State<AppState>) -> Json<Value> {
-    stop_running(&state, true);
+    if let Some(r) = state.queue.running() {
+        remember_stopped(&r.task_id, Some(r.image_index));
+        state.queue.skip_running_image();
+    }
     Json(json!({}))
 }
 

@@ -28,21 +28,33 @@ fn key_matches(state: &AppState, presented: &str) -> bool {
     any == 1
 }
 
-fn presented_key<'a>(state: &AppState, req: &'a Request) -> Option<&'a str> {
+/// The key from the configured header, `Authorization: Bearer KEY`, or A1111-style HTTP Basic
+/// (`--api-auth` clients): any user name, the key as the password.
+fn presented_key(state: &AppState, req: &Request) -> Option<String> {
     let h = req.headers();
     if let Some(v) = h
         .get(state.config.api.key_header.as_str())
         .and_then(|v| v.to_str().ok())
     {
-        return Some(v.trim());
+        return Some(v.trim().to_string());
     }
-    h.get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
+    let auth = h.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, value) = auth.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(value.trim().to_string());
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        use base64::Engine as _;
+        // Undecodable credentials present as an empty key: refused like a wrong one.
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(value.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .unwrap_or_default();
+        let password = decoded.split_once(':').map(|(_, p)| p).unwrap_or_default();
+        return Some(password.to_string());
+    }
+    None
 }
 
 /// A GET of one image carrying `?expires=&token=`: a share link, checked here. `None` = not a share link.
@@ -85,7 +97,7 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
         return next.run(req).await;
     }
     if let Some(key) = presented_key(&state, &req) {
-        if key_matches(&state, key) {
+        if key_matches(&state, &key) {
             return next.run(req).await;
         }
         return ApiError::Unauthorized("invalid API key".into()).into_response();
@@ -99,7 +111,7 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
             ApiError::Forbidden("invalid share link".into()).into_response()
         }
         None => ApiError::Unauthorized(format!(
-            "missing API key: send it in the {} header or as Authorization: Bearer",
+            "missing API key: send it in the {} header, as Authorization: Bearer, or as the HTTP Basic password",
             state.config.api.key_header
         ))
         .into_response(),

@@ -12,7 +12,7 @@ pub mod scheduler;
 pub mod submit;
 pub mod worker;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,7 +41,7 @@ pub struct RunningInfo {
 
 struct RunningTask {
     info: RunningInfo,
-    cancel: Arc<AtomicBool>,
+    cancel: Arc<worker::StopSignal>,
 }
 
 pub struct Queue {
@@ -131,11 +131,21 @@ impl QueueHandle {
         let guard = self.running_lock();
         match guard.as_ref() {
             Some(r) if id.is_none_or(|i| i == r.info.task_id) => {
-                r.cancel.store(true, Ordering::Relaxed);
+                r.cancel.cancel();
                 true
             }
             _ => false,
         }
+    }
+
+    /// Cuts the running task's current image short (A1111 `skip`); the task goes on with its next
+    /// image. Returns the running task's id.
+    pub fn skip_running_image(&self) -> Option<String> {
+        let guard = self.running_lock();
+        guard.as_ref().map(|r| {
+            r.cancel.skip_image(r.info.image_index);
+            r.info.task_id.clone()
+        })
     }
 
     /// Cancels one task: a pending one at once, a running one at its next step.
@@ -174,7 +184,7 @@ impl QueueHandle {
                     // Both locks, in run_task's order, so a cancel cannot slip between its two steps.
                     let running = self.running_lock();
                     if let Some(r) = running.as_ref().filter(|r| r.info.task_id == id) {
-                        r.cancel.store(true, Ordering::Relaxed);
+                        r.cancel.cancel();
                         return Ok(Some(true));
                     }
                     // Picked but not started yet: run_task takes this before the first step.
@@ -304,7 +314,7 @@ impl QueueHandle {
         let cancel = {
             let mut running = self.running_lock();
             let early = self.early_cancels().remove(&task.id);
-            let cancel = Arc::new(AtomicBool::new(early));
+            let cancel = Arc::new(worker::StopSignal::new(early));
             *running = Some(RunningTask {
                 info: RunningInfo {
                     task_id: task.id.clone(),
@@ -390,7 +400,7 @@ impl QueueHandle {
         state: &AppState,
         task: &TaskRecord,
         p: &TaskParams,
-        cancel: Arc<AtomicBool>,
+        cancel: Arc<worker::StopSignal>,
     ) -> Outcome {
         let engine = &state.engine;
         if let Err(msg) = ensure_checkpoint(state, engine, &p.model).await {

@@ -2,7 +2,7 @@
 //! gets replies on oneshot channels; the thread owns the only `Backend`, so nothing is shared.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use sd_engine::{
@@ -10,6 +10,53 @@ use sd_engine::{
     LoraSpec, Progress, RgbImage,
 };
 use tokio::sync::{mpsc, oneshot, watch};
+
+/// How the async side stops a running generation: the whole call, or one image of it.
+/// Checked by the engine thread between steps.
+#[derive(Debug, Default)]
+pub struct StopSignal {
+    state: AtomicU8,
+    /// The image a skip is meant for; a skip that arrives as that image ends is dropped (as in
+    /// A1111) rather than cutting the next image short.
+    skip_index: AtomicU32,
+}
+
+const RUN: u8 = 0;
+const CANCEL: u8 = 1;
+const SKIP_IMAGE: u8 = 2;
+
+impl StopSignal {
+    pub fn new(cancelled: bool) -> Self {
+        Self {
+            state: AtomicU8::new(if cancelled { CANCEL } else { RUN }),
+            skip_index: AtomicU32::new(0),
+        }
+    }
+
+    pub fn cancel(&self) {
+        self.state.store(CANCEL, Ordering::SeqCst);
+    }
+
+    /// Cuts image `index` short; a cancel already asked for stays.
+    pub fn skip_image(&self, index: u32) {
+        self.skip_index.store(index, Ordering::SeqCst);
+        let _ = self
+            .state
+            .compare_exchange(RUN, SKIP_IMAGE, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// The engine's answer after a step of image `index`; a skip is used up by that image.
+    fn control(&self, index: u32) -> Control {
+        match self
+            .state
+            .compare_exchange(SKIP_IMAGE, RUN, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) if self.skip_index.load(Ordering::SeqCst) == index => Control::SkipImage,
+            Ok(_) | Err(RUN) => Control::Continue,
+            Err(_) => Control::Cancel,
+        }
+    }
+}
 
 /// What is resident in the engine, published on a `watch` for status routes and the scheduler.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -76,7 +123,7 @@ enum Cmd {
     },
     Generate {
         params: Box<GenerateParams>,
-        cancel: Arc<AtomicBool>,
+        cancel: Arc<StopSignal>,
         progress: mpsc::UnboundedSender<Progress>,
         reply: oneshot::Sender<WorkerResult<Vec<RgbImage>>>,
     },
@@ -163,7 +210,7 @@ impl EngineHandle {
     pub async fn generate(
         &self,
         params: GenerateParams,
-        cancel: Arc<AtomicBool>,
+        cancel: Arc<StopSignal>,
         progress: mpsc::UnboundedSender<Progress>,
     ) -> WorkerResult<Vec<RgbImage>> {
         self.call(|reply| Cmd::Generate {
@@ -274,11 +321,7 @@ fn run(
                 state.send_modify(|s| s.busy = true);
                 let mut on_step = |p: &Progress| {
                     let _ = progress.send(p.clone());
-                    if cancel.load(Ordering::Relaxed) {
-                        Control::Cancel
-                    } else {
-                        Control::Continue
-                    }
+                    cancel.control(p.image_index)
                 };
                 let r =
                     match catch_unwind(AssertUnwindSafe(|| engine.generate(&params, &mut on_step)))
@@ -294,5 +337,26 @@ fn run(
                 let _ = reply.send(r);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod stop_tests {
+    use super::*;
+
+    #[test]
+    fn a_skip_stops_its_own_image_once_and_cancel_wins() {
+        let s = StopSignal::new(false);
+        assert_eq!(s.control(0), Control::Continue);
+        s.skip_image(1);
+        assert_eq!(s.control(1), Control::SkipImage);
+        assert_eq!(s.control(2), Control::Continue, "used up");
+        s.skip_image(2);
+        assert_eq!(s.control(3), Control::Continue, "image 2 had already ended");
+        assert_eq!(s.control(3), Control::Continue);
+        s.cancel();
+        s.skip_image(3);
+        assert_eq!(s.control(3), Control::Cancel);
+        assert_eq!(StopSignal::new(true).control(0), Control::Cancel);
     }
 }
