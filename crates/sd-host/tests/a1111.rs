@@ -819,3 +819,56 @@ async fn webuiapi_client_works_against_the_server() {
     );
     assert!(stdout.contains("ALL OK"), "{stdout}");
 }
+
+/// An A1111-layout textual-inversion file (`emb_params`, two vectors of the tiny SD1 CLIP width).
+fn write_embedding(path: &std::path::Path) {
+    let (n, width) = (2usize, 64usize);
+    let header = format!(
+        r#"{{"emb_params":{{"dtype":"F32","shape":[{n},{width}],"data_offsets":[0,{}]}}}}"#,
+        n * width * 4
+    );
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    for i in 0..n * width {
+        out.extend_from_slice(&((i as f32 * 0.37).sin() * 3.0).to_le_bytes());
+    }
+    std::fs::write(path, out).expect("embedding");
+}
+
+/// An embedding in the library is used when its file name appears in the prompt, as in A1111;
+/// deleting it from the library changes the same request's image back.
+#[tokio::test]
+async fn library_embeddings_work_by_name_in_prompts() {
+    let dir = data_dir();
+    write_embedding(&dir.path().join("data/models/shiny_style.safetensors"));
+    let s = TestServer::start_in(dir, |_| {}).await;
+    let emb = model(&s, "shiny_style.safetensors").await;
+    assert_eq!(emb.model_type, "embedding");
+    s.post_json(
+        "/sdapi/v1/options",
+        &json!({"sd_model_checkpoint": "tiny1"}),
+    )
+    .await;
+    let req = t2i(json!({"prompt": "a red cat, shiny_style"}));
+    let (st, with) = s.post_json("/sdapi/v1/txt2img", &req).await;
+    assert_eq!(st, 200, "{with}");
+    let (st, again) = s.post_json("/sdapi/v1/txt2img", &req).await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        with["images"], again["images"],
+        "deterministic with the embedding"
+    );
+    let del = s
+        .client
+        .delete(s.url(&format!("/api/v1/models/{}", emb.sha256)))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(del.status(), 200);
+    let (st, without) = s.post_json("/sdapi/v1/txt2img", &req).await;
+    assert_eq!(st, 200);
+    assert!(
+        with["images"] != without["images"],
+        "the embedding's vectors, not the plain words, conditioned the first images"
+    );
+}

@@ -52,6 +52,8 @@ pub struct Queue {
     early_cancels: Mutex<std::collections::HashSet<String>>,
     /// Held while a task runs; pipeline commands (load-checkpoint, load-loras) wait behind it.
     pub engine_lock: tokio::sync::Mutex<()>,
+    /// The library's embedding set last handed to the engine (`sha:name` list).
+    embeddings_key: Mutex<Option<String>>,
 }
 
 #[derive(Clone)]
@@ -83,6 +85,7 @@ impl QueueHandle {
             running: Mutex::new(None),
             early_cancels: Mutex::default(),
             engine_lock: tokio::sync::Mutex::new(()),
+            embeddings_key: Mutex::default(),
         }))
     }
 
@@ -395,6 +398,57 @@ impl QueueHandle {
         spawn_callback(state, &task.id);
     }
 
+    /// Hands the library's ready embeddings to the engine when the set changed since the last task,
+    /// so their names work in prompts as in A1111 (named after the file, without extension).
+    async fn sync_embeddings(&self, state: &AppState) -> Result<(), String> {
+        let mut ready = state
+            .repo
+            .list_models(&crate::db::ModelFilter {
+                model_type: Some("embedding".into()),
+                status: Some("ready".into()),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("listing embeddings: {e}"))?;
+        ready.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+        let specs: Vec<(String, sd_engine::EmbeddingSpec)> = ready
+            .into_iter()
+            .filter_map(|m| {
+                let path = std::path::PathBuf::from(m.path?);
+                let name = path.file_stem()?.to_string_lossy().to_string();
+                Some((m.sha256, sd_engine::EmbeddingSpec { path, name }))
+            })
+            .collect();
+        let key = specs
+            .iter()
+            .map(|(sha, s)| format!("{sha}:{}", s.name))
+            .collect::<Vec<_>>()
+            .join(",");
+        let current = self
+            .0
+            .embeddings_key
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if current.as_deref() == Some(key.as_str()) {
+            return Ok(());
+        }
+        let report = state
+            .engine
+            .set_embeddings(specs.into_iter().map(|(_, s)| s).collect())
+            .await
+            .map_err(|e| format!("loading embeddings failed: {e}"))?;
+        for (name, why) in &report.skipped {
+            tracing::info!(embedding = %name, reason = %why, "embedding not usable with this checkpoint");
+        }
+        *self
+            .0
+            .embeddings_key
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(key);
+        Ok(())
+    }
+
     async fn execute(
         &self,
         state: &AppState,
@@ -410,6 +464,9 @@ impl QueueHandle {
             if let Err(msg) = apply_loras(state, &p.loras).await {
                 return Outcome::Failed(msg);
             }
+        }
+        if let Err(msg) = self.sync_embeddings(state).await {
+            return Outcome::Failed(msg);
         }
         // Reading and resizing the inputs is blocking work.
         let (dir, params, every) = (
