@@ -346,6 +346,39 @@ async fn options_select_load_unload_and_reload_checkpoints() {
             .is_some_and(|a| a.iter().any(|m| m["model_name"] == "tiny9")),
         "{models}"
     );
+
+    // Likewise LoRAs and embeddings after their refresh routes; refresh-vae answers like A1111.
+    let models_dir = s.dir.path().join("data/models");
+    sd_engine::tiny::write_tiny_lora(
+        &models_dir.join("tiny1.safetensors"),
+        sd_engine::lora::LoraKind::Loha,
+        4,
+        &models_dir.join("newloha.safetensors"),
+    )
+    .expect("tiny loha");
+    write_embedding(&models_dir.join("new_style.safetensors"));
+    let (_, loras) = s.get_json("/sdapi/v1/loras").await;
+    assert!(!loras.to_string().contains("newloha"), "not before refresh");
+    let (st, _) = s.post_json("/sdapi/v1/refresh-loras", &json!({})).await;
+    assert_eq!(st, 200);
+    let (_, loras) = s.get_json("/sdapi/v1/loras").await;
+    assert!(
+        loras
+            .as_array()
+            .is_some_and(|a| a.iter().any(|l| l["name"] == "newloha")),
+        "{loras}"
+    );
+    let (st, _) = s
+        .post_json("/sdapi/v1/refresh-embeddings", &json!({}))
+        .await;
+    assert_eq!(st, 200);
+    let (_, emb) = s.get_json("/sdapi/v1/embeddings").await;
+    assert!(emb["loaded"]["new_style"].is_object(), "{emb}");
+    let (st, _) = s.post_json("/sdapi/v1/refresh-vae", &json!({})).await;
+    assert_eq!(st, 200);
+    let (st, vae) = s.get_json("/sdapi/v1/sd-vae").await;
+    assert_eq!(st, 200);
+    assert!(vae.is_array(), "{vae}");
 }
 
 #[tokio::test]
@@ -849,6 +882,8 @@ async fn library_embeddings_work_by_name_in_prompts() {
         &json!({"sd_model_checkpoint": "tiny1"}),
     )
     .await;
+    let (_, listed) = s.get_json("/sdapi/v1/embeddings").await;
+    assert!(listed["loaded"]["shiny_style"].is_object(), "{listed}");
     let req = t2i(json!({"prompt": "a red cat, shiny_style"}));
     let (st, with) = s.post_json("/sdapi/v1/txt2img", &req).await;
     assert_eq!(st, 200, "{with}");

@@ -1095,10 +1095,15 @@ async fn embeddings(State(state): State<AppState>) -> ApiResult<Json<Value>> {
             "shape": shape, "vectors": vectors,
         });
         let fits = m.family == "unknown" || family.as_deref().is_none_or(|f| f == m.family);
+        // The name a prompt uses: the file's, as in A1111 (a Civitai title may differ).
+        let name = std::path::Path::new(&m.filename)
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or(m.name);
         if fits {
-            loaded.insert(m.name, item);
+            loaded.insert(name, item);
         } else {
-            skipped.insert(m.name, item);
+            skipped.insert(name, item);
         }
     }
     Ok(Json(json!({"loaded": loaded, "skipped": skipped})))
