@@ -16,8 +16,8 @@ Usage:
       [--no-vae-warmup] [--json-out FILE] [--record bench/RESULTS.md [--machine TEXT]]
 
 --ours-cmd is split like a shell line; `--family F --res R --iters N --steps 0 --json` are
-appended. Default: the engine's example binary through cargo (release build), which takes the
-same flags as `sd-host bench`.
+appended. Default: `sd-host bench` through cargo (release build). The engine's example binary
+(`cargo run --release -q -p sd-engine --example bench --`) takes the same flags and builds faster.
 """
 import argparse
 import datetime
@@ -32,7 +32,7 @@ import textwrap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VENV = "/var/tmp/sd-host-bench-venv"
-DEFAULT_OURS = "cargo run --release -q -p sd-engine --example bench --"
+DEFAULT_OURS = "cargo run --release -q -p sd-host -- bench"
 
 # The diffusers side, run inside the venv. Same architectures as the engine's BenchSize::Full:
 # diffusers' configs of SD 1.5, SD 2.x and SDXL base, transformers' CLIP text models.
@@ -266,9 +266,8 @@ def main():
 
     py = ensure_venv(a.venv, a.torch_index)
     if a.ours_cmd == DEFAULT_OURS:
-        log("building the engine's bench example (release)")
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "sd-engine", "--example", "bench"],
-                       cwd=REPO, check=True)
+        log("building sd-host (release)")
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "sd-host"], cwd=REPO, check=True)
     with tempfile.NamedTemporaryFile("w", suffix="_peer.py", delete=False) as f:
         f.write(PEER)
         peer_file = f.name
