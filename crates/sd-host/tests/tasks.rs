@@ -1058,3 +1058,534 @@ async fn bench_host_overhead_per_task() {
         times.len()
     );
 }
+
+/// Every event of a task's stream, read until the server ends it; panics if it does not end.
+async fn task_events_to_end(s: &TestServer, id: &str) -> Vec<(Option<u64>, String, Value)> {
+    let t0 = std::time::Instant::now();
+    let events = sse(
+        &s.client,
+        &s.url(&format!("/api/v1/tasks/{id}/events")),
+        None,
+        |_, _| false,
+    )
+    .await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(55),
+        "the stream did not end after its terminal event: {events:?}"
+    );
+    events
+}
+
+/// Breaks the registered file of checkpoint `sha` (its loading then fails the task).
+async fn break_checkpoint(s: &TestServer, sha: &str) {
+    let m = s
+        .server
+        .state
+        .repo
+        .get_model(sha)
+        .await
+        .expect("db")
+        .expect("row");
+    std::fs::write(m.path.as_deref().expect("path"), b"not a safetensors file").expect("write");
+}
+
+#[tokio::test]
+async fn queue_clear_cancels_pending_tasks_and_leaves_the_running_one() {
+    let s = server_with_models(&[1], |_| {}).await;
+    let running = submit(
+        &s,
+        json!({"num_inference_steps": 150, "width": 128, "height": 128, "num_images": 10}),
+    )
+    .await;
+    wait_status(&s, &running, &["processing"]).await;
+    s.post_json("/api/v1/queue/pause", &json!({})).await;
+    let mut pending = vec![];
+    for _ in 0..3 {
+        pending.push(submit(&s, json!({})).await);
+    }
+    let (status, r) = s.post_json("/api/v1/queue/clear", &json!({})).await;
+    assert_eq!(status, 200, "{r}");
+    let mut cancelled: Vec<String> = r["cancelled"]
+        .as_array()
+        .expect("cancelled list")
+        .iter()
+        .map(|v| v.as_str().expect("id").to_string())
+        .collect();
+    cancelled.sort();
+    let mut want = pending.clone();
+    want.sort();
+    assert_eq!(cancelled, want, "exactly the pending tasks: {r}");
+    for id in &pending {
+        let t = task(&s, id).await;
+        assert_eq!(t["status"], "cancelled", "{t}");
+        assert!(t["queue_position"].is_null(), "{t}");
+    }
+    // The running task is left alone (a cancel would stop it within a step), and still reports
+    // its progress.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = task(&s, &running).await;
+    assert_eq!(
+        t["status"], "processing",
+        "clear touched the running task: {t}"
+    );
+    assert_eq!(t["progress"]["total_steps"], 150, "{t}");
+    let (_, list) = s.get_json("/api/v1/tasks?status=pending").await;
+    assert_eq!(list["total"], 0, "{list}");
+    let snap = sse(&s.client, &s.url("/api/v1/tasks/queue"), None, |_, _| true).await;
+    let snap = &snap.first().expect("a snapshot").2;
+    assert_eq!(snap["pending"], json!([]), "{snap}");
+    assert_eq!(snap["running"]["task_id"], running.as_str(), "{snap}");
+    assert_eq!(snap["paused"], true, "{snap}");
+    // Nothing left to clear.
+    let (status, r) = s.post_json("/api/v1/queue/clear", &json!({})).await;
+    assert_eq!((status, r), (200, json!({"cancelled": []})));
+    assert_eq!(task(&s, &running).await["status"], "processing");
+    s.client
+        .delete(s.url(&format!("/api/v1/tasks/{running}")))
+        .send()
+        .await
+        .expect("delete");
+    let t = wait_status(&s, &running, &["cancelled", "completed", "failed"]).await;
+    assert_eq!(t["status"], "cancelled", "{t}");
+}
+
+#[tokio::test]
+async fn a_cancelled_task_stream_ends_with_cancelled_live_and_replayed() {
+    let s = server_with_models(&[1], |_| {}).await;
+    let id = submit(
+        &s,
+        json!({"num_inference_steps": 150, "width": 128, "height": 128, "num_images": 10}),
+    )
+    .await;
+    let reader = {
+        let (client, url) = (
+            s.client.clone(),
+            s.url(&format!("/api/v1/tasks/{id}/events")),
+        );
+        tokio::spawn(async move {
+            let t0 = std::time::Instant::now();
+            let ev = sse(&client, &url, None, |_, _| false).await;
+            (ev, t0.elapsed())
+        })
+    };
+    // Cancel mid-run, once it has taken a step.
+    for _ in 0..600 {
+        if task(&s, &id).await["progress"]["step"]
+            .as_u64()
+            .is_some_and(|n| n >= 1)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = s
+        .client
+        .delete(s.url(&format!("/api/v1/tasks/{id}")))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 200);
+    let (live, took) = reader.await.expect("reader");
+    assert!(
+        took < Duration::from_secs(55),
+        "stream never ended: {live:?}"
+    );
+    let names: Vec<&str> = live.iter().map(|e| e.1.as_str()).collect();
+    assert!(names.contains(&"started"), "{names:?}");
+    assert!(names.contains(&"progress"), "{names:?}");
+    assert_eq!(names.last(), Some(&"cancelled"), "{names:?}");
+    assert_eq!(live.last().expect("event").2["task_id"], id.as_str());
+    assert_eq!(task(&s, &id).await["status"], "cancelled");
+
+    // Connecting after it finished replays the terminal event, then ends.
+    let again = task_events_to_end(&s, &id).await;
+    assert_eq!(
+        again.last().map(|e| e.1.as_str()),
+        Some("cancelled"),
+        "{again:?}"
+    );
+    assert_eq!(again.last().expect("event").2["task_id"], id.as_str());
+
+    // A pending task cancelled while a reader waits: queued, then cancelled.
+    s.post_json("/api/v1/queue/pause", &json!({})).await;
+    let p = submit(&s, json!({})).await;
+    let reader = {
+        let (client, url) = (
+            s.client.clone(),
+            s.url(&format!("/api/v1/tasks/{p}/events")),
+        );
+        tokio::spawn(async move { sse(&client, &url, None, |_, _| false).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.client
+        .delete(s.url(&format!("/api/v1/tasks/{p}")))
+        .send()
+        .await
+        .expect("delete");
+    let ev = reader.await.expect("reader");
+    let names: Vec<&str> = ev.iter().map(|e| e.1.as_str()).collect();
+    assert_eq!(names, ["queued", "cancelled"], "{ev:?}");
+}
+
+#[tokio::test]
+async fn a_failed_task_stream_ends_with_failed_and_its_detail() {
+    let s = server_with_models(&[1], |_| {}).await;
+    let m = checkpoints(&s).await;
+    break_checkpoint(&s, &m[0]).await;
+    s.post_json("/api/v1/queue/pause", &json!({})).await;
+    let id = submit(&s, json!({"model": m[0]})).await;
+    let reader = {
+        let (client, url) = (
+            s.client.clone(),
+            s.url(&format!("/api/v1/tasks/{id}/events")),
+        );
+        tokio::spawn(async move { sse(&client, &url, None, |_, _| false).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.post_json("/api/v1/queue/resume", &json!({})).await;
+    let live = tokio::time::timeout(Duration::from_secs(55), reader)
+        .await
+        .expect("the stream ended")
+        .expect("reader");
+    let names: Vec<&str> = live.iter().map(|e| e.1.as_str()).collect();
+    assert_eq!(names.first(), Some(&"queued"), "{names:?}");
+    assert_eq!(names.last(), Some(&"failed"), "{names:?}");
+    let data = &live.last().expect("event").2;
+    assert_eq!(data["task_id"], id.as_str());
+    let detail = data["detail"].as_str().expect("detail string");
+    assert!(detail.contains("loading checkpoint"), "{data}");
+    let t = task(&s, &id).await;
+    assert_eq!(t["status"], "failed");
+    assert_eq!(t["error_message"], detail);
+
+    let again = task_events_to_end(&s, &id).await;
+    let last = again.last().expect("replayed");
+    assert_eq!(last.1, "failed", "{again:?}");
+    assert_eq!(last.2["detail"], detail);
+}
+
+/// A local callback receiver at `/cb`: records each POSTed body and answers `status` (with a
+/// `Location` header when given).
+async fn callback_receiver(
+    status: u16,
+    location: Option<String>,
+) -> (String, Arc<Mutex<Vec<Value>>>) {
+    use axum::routing::post;
+    let hits: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let h2 = hits.clone();
+    let app = axum::Router::new().route(
+        "/cb",
+        post(move |axum::Json(v): axum::Json<Value>| {
+            let (hits, location) = (h2.clone(), location.clone());
+            async move {
+                hits.lock().expect("lock").push(v);
+                let mut r = axum::response::Response::builder().status(status);
+                if let Some(l) = location {
+                    r = r.header("location", l);
+                }
+                r.body(axum::body::Body::empty()).expect("response")
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let cb = format!("http://{}/cb", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (cb, hits)
+}
+
+/// Waits until `hits` holds at least `n` bodies and no callback is owed any more.
+async fn callbacks_settled(s: &TestServer, hits: &Arc<Mutex<Vec<Value>>>, n: usize) -> Vec<Value> {
+    for _ in 0..300 {
+        let got = hits.lock().expect("lock").len();
+        if got >= n
+            && s.server
+                .state
+                .repo
+                .callbacks_due()
+                .await
+                .expect("db")
+                .is_empty()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = hits.lock().expect("lock").clone();
+    got
+}
+
+#[tokio::test]
+async fn callbacks_carry_failure_cancellation_and_several_image_urls() {
+    let (cb, hits) = callback_receiver(200, None).await;
+    let s = server_with_models(&[1, 2], |c| c.network.allow_private_targets = true).await;
+    let m = checkpoints(&s).await;
+    break_checkpoint(&s, &m[0]).await;
+    s.post_json("/api/v1/queue/pause", &json!({})).await;
+    let bad = submit(&s, json!({"model": m[0], "callback_url": cb})).await;
+    let pair = submit(
+        &s,
+        json!({"model": m[1], "num_images": 2, "callback_url": cb}),
+    )
+    .await;
+    let gone = submit(&s, json!({"model": m[1], "callback_url": cb})).await;
+    s.client
+        .delete(s.url(&format!("/api/v1/tasks/{gone}")))
+        .send()
+        .await
+        .expect("delete");
+    s.post_json("/api/v1/queue/resume", &json!({})).await;
+    assert_eq!(
+        wait_status(&s, &bad, &["failed", "completed"]).await["status"],
+        "failed"
+    );
+    let t_pair = wait_status(&s, &pair, &["failed", "completed"]).await;
+    assert_eq!(t_pair["status"], "completed", "{t_pair}");
+    let got = callbacks_settled(&s, &hits, 3).await;
+    assert_eq!(got.len(), 3, "one callback per task: {got:?}");
+    let of = |id: &str| {
+        got.iter()
+            .find(|v| v["task_id"] == id)
+            .unwrap_or_else(|| panic!("no callback for {id}: {got:?}"))
+            .clone()
+    };
+
+    let f = of(&bad);
+    assert_eq!(f["status"], "failed", "{f}");
+    assert!(
+        f["error_message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("loading checkpoint"),
+        "{f}"
+    );
+    assert!(
+        f.get("image_url").is_none() && f.get("image_urls").is_none(),
+        "{f}"
+    );
+
+    let p = of(&pair);
+    assert_eq!(p["status"], "completed", "{p}");
+    assert!(p["error_message"].is_null(), "{p}");
+    assert!(
+        p.get("image_url").is_none(),
+        "two images go in image_urls: {p}"
+    );
+    let urls = p["image_urls"].as_array().expect("image_urls");
+    assert_eq!(urls.len(), 2, "{p}");
+    assert_eq!(&p["image_urls"], &t_pair["result_urls"]);
+    for (u, im) in urls
+        .iter()
+        .zip(t_pair["images"].as_array().expect("images"))
+    {
+        let hash = im["hash"].as_str().expect("hash");
+        assert!(
+            u.as_str()
+                .unwrap_or("")
+                .ends_with(&format!("/api/v1/images/{hash}")),
+            "{u}"
+        );
+    }
+
+    let c = of(&gone);
+    assert_eq!(c["status"], "cancelled", "{c}");
+    assert!(
+        c.get("image_url").is_none() && c.get("image_urls").is_none(),
+        "{c}"
+    );
+}
+
+#[tokio::test]
+async fn a_callback_redirect_is_not_followed() {
+    let (target, followed) = callback_receiver(200, None).await;
+    let (cb, hits) = callback_receiver(307, Some(target)).await;
+    let s = server_with_models(&[1], |c| c.network.allow_private_targets = true).await;
+    let id = submit(&s, json!({"callback_url": cb})).await;
+    assert_eq!(
+        wait_status(&s, &id, &["completed", "failed"]).await["status"],
+        "completed"
+    );
+    let got = callbacks_settled(&s, &hits, 1).await;
+    // Give a followed redirect (or a retry) time to show.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let got_after = hits.lock().expect("lock").clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got_after.len(), 1, "a 307 is not retried: {got_after:?}");
+    assert_eq!(got[0]["task_id"], id.as_str());
+    assert!(
+        followed.lock().expect("lock").is_empty(),
+        "the redirect was followed"
+    );
+    assert!(s
+        .server
+        .state
+        .repo
+        .callbacks_due()
+        .await
+        .expect("db")
+        .is_empty());
+}
+
+#[tokio::test]
+async fn task_list_pages_newest_first_and_filters_by_status() {
+    let s = server_with_models(&[1], |_| {}).await;
+    s.post_json("/api/v1/queue/pause", &json!({})).await;
+    let mut ids = vec![];
+    for i in 0..5 {
+        let (status, r) = s.post_json("/api/v1/tasks", &body(json!({}))).await;
+        assert_eq!(status, 202, "{r}");
+        assert!(
+            r["message"].as_str().is_some_and(|m| !m.trim().is_empty()),
+            "{r}"
+        );
+        assert_eq!(r["queue_position"], i + 1, "{r}");
+        ids.push(r["task_id"].as_str().expect("id").to_string());
+    }
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    let mut seen = vec![];
+    for (page, want_len) in [(1, 2), (2, 2), (3, 1), (4, 0)] {
+        let (status, r) = s
+            .get_json(&format!("/api/v1/tasks?page={page}&per_page=2"))
+            .await;
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["total"], 5, "{r}");
+        assert_eq!(r["page"], page, "{r}");
+        assert_eq!(r["per_page"], 2, "{r}");
+        let tasks = r["tasks"].as_array().expect("tasks");
+        assert_eq!(tasks.len(), want_len, "page {page}: {r}");
+        seen.extend(
+            tasks
+                .iter()
+                .map(|t| t["task_id"].as_str().expect("id").to_string()),
+        );
+    }
+    assert_eq!(seen, newest_first, "pages cover every task, newest first");
+    // Defaults and bounds.
+    let (_, r) = s.get_json("/api/v1/tasks").await;
+    assert_eq!(
+        (r["page"].clone(), r["per_page"].clone()),
+        (json!(1), json!(20))
+    );
+    assert_eq!(r["tasks"].as_array().map(|t| t.len()), Some(5));
+    let (_, r) = s.get_json("/api/v1/tasks?page=0&per_page=100000").await;
+    assert_eq!(
+        (r["page"].clone(), r["per_page"].clone()),
+        (json!(1), json!(200))
+    );
+
+    // Status filter.
+    for id in &ids[..2] {
+        let r = s
+            .client
+            .delete(s.url(&format!("/api/v1/tasks/{id}")))
+            .send()
+            .await
+            .expect("delete");
+        assert_eq!(r.status(), 200);
+    }
+    let (_, r) = s.get_json("/api/v1/tasks?status=cancelled").await;
+    assert_eq!(r["total"], 2, "{r}");
+    let got: Vec<&str> = r["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .map(|t| t["task_id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(got, [ids[1].as_str(), ids[0].as_str()]);
+    let (_, r) = s
+        .get_json("/api/v1/tasks?status=pending&page=2&per_page=2")
+        .await;
+    assert_eq!(r["total"], 3, "{r}");
+    let got: Vec<&Value> = r["tasks"].as_array().expect("tasks").iter().collect();
+    assert_eq!(got.len(), 1, "{r}");
+    assert_eq!(got[0]["task_id"], ids[2].as_str());
+    assert_eq!(got[0]["status"], "pending");
+    assert_eq!(got[0]["queue_position"], 1, "{r}");
+    let (status, r) = s.get_json("/api/v1/tasks?status=done").await;
+    assert_eq!(status, 422, "{r}");
+
+    // A task's timestamps and progress: null while pending, full once completed.
+    let t = task(&s, &ids[4]).await;
+    for k in ["created_at", "updated_at"] {
+        let v = t[k].as_str().unwrap_or_else(|| panic!("{k}: {t}"));
+        chrono::DateTime::parse_from_rfc3339(v).unwrap_or_else(|e| panic!("{k} {v}: {e}"));
+    }
+    assert!(t.get("progress").is_some_and(|p| p.is_null()), "{t}");
+    assert!(
+        t["started_at"].is_null() && t["finished_at"].is_null(),
+        "{t}"
+    );
+    s.post_json("/api/v1/queue/resume", &json!({})).await;
+    let t = wait_status(&s, &ids[4], &["completed", "failed"]).await;
+    assert_eq!(t["status"], "completed", "{t}");
+    assert_eq!(t["progress"]["step"], 2, "{t}");
+    assert_eq!(t["progress"]["total_steps"], 2, "{t}");
+    let created = chrono::DateTime::parse_from_rfc3339(t["created_at"].as_str().expect("created"))
+        .expect("created_at");
+    let updated = chrono::DateTime::parse_from_rfc3339(t["updated_at"].as_str().expect("updated"))
+        .expect("updated_at");
+    assert!(updated >= created, "{t}");
+    assert!(t["finished_at"].is_string(), "{t}");
+}
+
+#[tokio::test]
+async fn max_pixels_caps_the_area_even_within_max_width_and_height() {
+    let s = server_with_models(&[1], |c| c.limits.max_pixels = 64 * 64).await;
+    s.post_json("/api/v1/queue/pause", &json!({})).await;
+    for extra in [
+        json!({"width": 64, "height": 72}),
+        json!({"width": 72, "height": 64}),
+        // The family default size (512×512 for sd1) is over the cap too.
+        json!({"width": null, "height": null}),
+    ] {
+        let (status, r) = s.post_json("/api/v1/tasks", &body(extra.clone())).await;
+        assert_eq!(status, 422, "{extra} → {r}");
+        assert!(r.to_string().contains("4096"), "{extra} → {r}");
+    }
+    let (_, list) = s.get_json("/api/v1/tasks").await;
+    assert_eq!(list["total"], 0, "nothing queued: {list}");
+    // Exactly at the limit, in either shape.
+    let a = submit(&s, json!({"width": 64, "height": 64})).await;
+    let b = submit(&s, json!({"width": 8, "height": 512})).await;
+    let (_, list) = s.get_json("/api/v1/tasks").await;
+    assert_eq!(list["total"], 2, "{list}");
+    assert_eq!(task(&s, &a).await["params"]["width"], 64);
+    assert_eq!(task(&s, &b).await["params"]["height"], 512);
+}
+
+#[tokio::test]
+async fn output_format_of_a_task_sets_the_stored_image_type() {
+    let s = server_with_models(&[1], |_| {}).await;
+    for (asked, stored, ctype, want) in [
+        ("jpeg", "jpeg", "image/jpeg", image::ImageFormat::Jpeg),
+        ("JPG", "jpeg", "image/jpeg", image::ImageFormat::Jpeg),
+        ("webp", "webp", "image/webp", image::ImageFormat::WebP),
+    ] {
+        let id = submit(&s, json!({"output_format": asked})).await;
+        let t = wait_status(&s, &id, &["completed", "failed"]).await;
+        assert_eq!(t["status"], "completed", "{t}");
+        assert_eq!(t["params"]["output_format"], stored, "{t}");
+        let hash = t["images"][0]["hash"].as_str().expect("hash");
+        let r = s.get(&format!("/api/v1/images/{hash}")).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], ctype, "{asked}");
+        let bytes = r.bytes().await.expect("body");
+        assert_eq!(
+            image::guess_format(&bytes).expect("known format"),
+            want,
+            "{asked}"
+        );
+        let img = image::load_from_memory_with_format(&bytes, want).expect("decodes");
+        assert_eq!((img.width(), img.height()), (64, 64));
+        let rec = s
+            .server
+            .state
+            .repo
+            .get_image(hash)
+            .await
+            .expect("db")
+            .expect("row");
+        assert_eq!(rec.format, stored);
+    }
+}
