@@ -61,6 +61,9 @@ struct Fake {
     ignore_range_next: usize,
     /// When set, storage responses send their first chunk, then wait for this gate.
     gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// When set, the rest of a storage response (after the first chunk) goes out in chunks of
+    /// this many bytes, one per interval: a slow download.
+    trickle: Option<(usize, Duration)>,
 }
 
 type Shared = Arc<Mutex<Fake>>;
@@ -211,7 +214,7 @@ async fn storage_file(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
-    let (v, cut, stall, cut_at, gate, ignore_range) = {
+    let (v, cut, stall, cut_at, gate, ignore_range, trickle) = {
         let mut g = st.lock().expect("lock");
         g.storage.push(StorageReq {
             auth: h("authorization"),
@@ -232,7 +235,15 @@ async fn storage_file(
         if ignore_range {
             g.ignore_range_next -= 1;
         }
-        (v, cut, stall, g.cut_at, g.gate.clone(), ignore_range)
+        (
+            v,
+            cut,
+            stall,
+            g.cut_at,
+            g.gate.clone(),
+            ignore_range,
+            g.trickle,
+        )
     };
     let etag = format!("\"etag-{id}\"");
     let len = v.bytes.len();
@@ -263,7 +274,7 @@ async fn storage_file(
     };
     let first = body_bytes.slice(..first_len);
     let rest = body_bytes.slice(first_len..);
-    let stream = async_stream(first, rest, cut, stall, gate);
+    let stream = async_stream(first, rest, cut, stall, gate, trickle);
     let mut resp = Response::new(Body::from_stream(stream));
     let hm = resp.headers_mut();
     hm.insert(
@@ -300,27 +311,39 @@ fn async_stream(
     cut: bool,
     stall: bool,
     gate: Option<Arc<tokio::sync::Semaphore>>,
+    trickle: Option<(usize, Duration)>,
 ) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send {
-    futures::stream::unfold(0u8, move |step| {
+    // State: (step, offset into `rest` while trickling).
+    futures::stream::unfold((0u8, 0usize), move |(step, off)| {
         let (first, rest, gate) = (first.clone(), rest.clone(), gate.clone());
         async move {
             match step {
-                0 => Some((Ok(first), 1)),
+                0 => Some((Ok(first), (1, 0))),
                 1 if cut => {
                     // Let the server flush the first chunk before the connection drops.
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     let cut = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "cut");
-                    Some((Err(cut), 2))
+                    Some((Err(cut), (2, 0)))
                 }
                 1 if stall => {
                     futures::future::pending::<()>().await;
                     None
                 }
-                1 => {
-                    if let Some(g) = gate {
-                        let _ = g.acquire().await.map(|p| p.forget());
+                1 | 3 => {
+                    if step == 1 {
+                        if let Some(g) = gate {
+                            let _ = g.acquire().await.map(|p| p.forget());
+                        }
                     }
-                    Some((Ok(rest), 2))
+                    match trickle {
+                        None => Some((Ok(rest), (2, 0))),
+                        Some(_) if off >= rest.len() => None,
+                        Some((size, every)) => {
+                            tokio::time::sleep(every).await;
+                            let end = (off + size.max(1)).min(rest.len());
+                            Some((Ok(rest.slice(off..end)), (3, end)))
+                        }
+                    }
                 }
                 _ => None,
             }
@@ -1447,4 +1470,327 @@ async fn cli_add_civitai_list_and_delete() {
     assert!(!file.exists());
     let out = run(vec!["delete".into(), sha.clone()]).await.expect("join");
     assert_eq!(out.status.code(), Some(1), "deleting twice fails");
+}
+
+/// Progress goes out at most ~4 times a second however many chunks arrive: a download trickled
+/// in hundreds of small chunks over a couple of seconds yields only a handful of `progress` events.
+#[tokio::test]
+async fn download_progress_is_capped_at_about_four_events_per_second() {
+    let fake = start_fake().await;
+    let v = lora_version(120, 12, 17);
+    fake.add(v.clone());
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let chunk = 4096;
+    {
+        let mut g = fake.lock();
+        g.gate = Some(gate.clone());
+        g.trickle = Some((chunk, Duration::from_millis(8)));
+    }
+    let ts = start_with_fake(&fake).await;
+    let started = std::time::Instant::now();
+    let (code, r) = post(
+        &ts,
+        "/api/v1/models/add-from-civitai",
+        json!({"model_version_id": 120}),
+    )
+    .await;
+    assert_eq!(code, 202, "{r}");
+    let resp = ts
+        .client
+        .get(r["tracking_url"].as_str().expect("url"))
+        .send()
+        .await
+        .expect("sse");
+    assert_eq!(resp.status(), 200);
+    gate.add_permits(100);
+    let events = sse_events(resp).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let names: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(names.last(), Some(&"ready"), "{names:?}");
+    let progress = names.iter().filter(|e| **e == "progress").count();
+    // 3/4 of the file arrives in ~190 chunks of 4 KiB, 8 ms apart: unthrottled, that would be
+    // one event per chunk. Allowed: 4/s over the whole time, plus the forced events at the start
+    // and end of the transfer and the current state replayed to a new stream.
+    let chunks = (v.bytes.len() * 3 / 4).div_ceil(chunk);
+    let bound = (elapsed * 4.0).ceil() as usize + 4;
+    assert!(
+        progress <= bound,
+        "{progress} progress events in {elapsed:.2}s (bound {bound}; {chunks} chunks): {names:?}"
+    );
+    assert!(progress >= 1, "{names:?}");
+}
+
+/// A LoRA for a tiny SD1 checkpoint under `models.dir/loras/`, with a fake Civitai version that
+/// lists exactly its bytes (and so answers `by-hash` for it).
+fn lora_file_with_version(dir: &Path, id: u64, model_id: u64) -> (PathBuf, FakeVersion) {
+    let ckpt = dir.join("checkpoints").join("tiny_sd1.safetensors");
+    write_tiny_ckpt(&ckpt, 1);
+    let lora = dir.join("loras").join("tiny_lora.safetensors");
+    std::fs::create_dir_all(lora.parent().expect("parent")).expect("mkdir");
+    sd_engine::tiny::write_tiny_lora(&ckpt, sd_engine::lora::LoraKind::Lora, 2, &lora)
+        .expect("tiny lora");
+    let bytes = std::fs::read(&lora).expect("read");
+    let mut v = lora_version(id, model_id, 0);
+    v.listed_sha = sha_hex(&bytes).to_uppercase();
+    v.bytes = bytes;
+    (lora, v)
+}
+
+#[tokio::test]
+async fn civitai_lookup_by_hash_gives_a_scanned_model_its_metadata() {
+    let fake = start_fake().await;
+    let ts = start_with_fake(&fake).await;
+    let dir = models_dir(&ts);
+    let (lora, v) = lora_file_with_version(&dir, 130, 13);
+    fake.add(v.clone());
+    let (code, report) = post(&ts, "/api/v1/models/scan", json!({})).await;
+    assert_eq!(code, 200, "{report}");
+    let sha = sha_hex(&std::fs::read(&lora).expect("read"));
+    let ck_sha =
+        sha_hex(&std::fs::read(dir.join("checkpoints/tiny_sd1.safetensors")).expect("read"));
+    let (_, before) = model(&ts, &sha).await;
+    assert_eq!(
+        before["family"], "unknown",
+        "a LoRA header does not tell: {before}"
+    );
+    assert!(
+        before["source"].is_null(),
+        "a scanned file has no Civitai metadata: {before}"
+    );
+    let trained = |loras: &Value| {
+        loras
+            .as_array()
+            .expect("loras")
+            .iter()
+            .find(|l| l["metadata"]["sha256"] == sha.as_str())
+            .map(|l| l["metadata"]["trained_words"].clone())
+    };
+    let (_, loras) = ts.get_json("/sdapi/v1/loras").await;
+    assert_eq!(trained(&loras), Some(json!([])), "{loras}");
+
+    let url = format!("/api/v1/models/{sha}/civitai-lookup");
+    let (code, m) = post(&ts, &url, json!({})).await;
+    assert_eq!(code, 200, "{m}");
+    assert_eq!(m["sha256"], sha.as_str());
+    let c = &m["source"]["civitai"];
+    assert_eq!(c["model_id"], 13, "{m}");
+    assert_eq!(c["version_id"], 130);
+    assert_eq!(c["file_id"], 1300, "the file with this hash");
+    assert_eq!(c["name"], "Detail Tweaker 13");
+    assert_eq!(c["version_name"], "v130");
+    assert_eq!(c["type"], "LORA");
+    assert_eq!(c["base_model"], "SD 1.5");
+    assert_eq!(c["trained_words"], json!(["detailed", "sharp focus"]));
+    assert_eq!(c["air"], "urn:air:sd1:lora:civitai:13@130");
+    // The library's own name is kept (prompts name it so); the family comes from baseModel.
+    assert_eq!(m["name"], "tiny_lora");
+    assert_eq!(m["type"], "lora");
+    assert_eq!(m["family"], "sd1");
+    assert_eq!(m["status"], "ready");
+    // Stored, not just returned; the trained words now reach the LoRA listings.
+    assert_eq!(model(&ts, &sha).await.1["source"], m["source"]);
+    let (_, loras) = ts.get_json("/sdapi/v1/loras").await;
+    assert_eq!(
+        trained(&loras),
+        Some(json!(["detailed", "sharp focus"])),
+        "{loras}"
+    );
+    // A rescan keeps the metadata; nothing was downloaded.
+    let (_, again) = post(&ts, "/api/v1/models/scan", json!({})).await;
+    assert_eq!(again["hashed"], 0, "{again}");
+    assert_eq!(model(&ts, &sha).await.1["source"], m["source"]);
+    assert_eq!(fake.downloads(), 0);
+    assert!(fake.storage().is_empty());
+
+    // Civitai does not know the checkpoint: 404 that says so, and the record is unchanged.
+    let (code, e) = post(
+        &ts,
+        &format!("/api/v1/models/{ck_sha}/civitai-lookup"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(code, 404, "{e}");
+    let detail = e["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("Civitai") && detail.contains(&ck_sha),
+        "{e}"
+    );
+    assert!(model(&ts, &ck_sha).await.1["source"].is_null());
+    // Not in the library at all: 404 before asking Civitai; a malformed hash: 422.
+    let (code, e) = post(
+        &ts,
+        &format!("/api/v1/models/{}/civitai-lookup", "0".repeat(64)),
+        json!({}),
+    )
+    .await;
+    assert_eq!(code, 404, "{e}");
+    assert!(
+        e["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not found"),
+        "{e}"
+    );
+    let (code, _) = post(
+        &ts,
+        &format!("/api/v1/models/{}/civitai-lookup", "A".repeat(64)),
+        json!({}),
+    )
+    .await;
+    assert_eq!(code, 422);
+    let (_, doc) = ts.get_json("/openapi.json").await;
+    assert!(doc["paths"]
+        .get("/api/v1/models/{sha256}/civitai-lookup")
+        .is_some());
+
+    // A model still downloading came from Civitai with its metadata: 409, the download goes on.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    fake.lock().gate = Some(gate.clone());
+    fake.add(lora_version(131, 13, 18));
+    let (code, r) = post(
+        &ts,
+        "/api/v1/models/add-from-civitai",
+        json!({"model_version_id": 131}),
+    )
+    .await;
+    assert_eq!(code, 202, "{r}");
+    let dl = r["sha256"].as_str().expect("sha").to_string();
+    let (code, e) = post(
+        &ts,
+        &format!("/api/v1/models/{dl}/civitai-lookup"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(code, 409, "{e}");
+    gate.add_permits(100);
+    wait_status(&ts, &dl, "ready").await;
+}
+
+#[tokio::test]
+async fn civitai_lookup_respects_the_network_policy() {
+    let fake = start_fake().await;
+    let base = fake.base_url.clone();
+    let ts = TestServer::start_with(move |c| {
+        c.civitai.base_url = base;
+        c.network.allow_private_targets = false;
+    })
+    .await;
+    let (lora, v) = lora_file_with_version(&models_dir(&ts), 140, 14);
+    fake.add(v);
+    let (code, report) = post(&ts, "/api/v1/models/scan", json!({})).await;
+    assert_eq!(code, 200, "{report}");
+    let sha = sha_hex(&std::fs::read(&lora).expect("read"));
+    let (code, e) = post(
+        &ts,
+        &format!("/api/v1/models/{sha}/civitai-lookup"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(code, 422, "{e}");
+    assert!(
+        e["detail"].as_str().unwrap_or_default().contains("private"),
+        "{e}"
+    );
+    assert!(model(&ts, &sha).await.1["source"].is_null());
+}
+
+/// `sd-host models scan` registers what is in models.dir (hashing only new files), `list` shows
+/// it, and `lookup` fetches its Civitai metadata by SHA-256 into the same database the server uses.
+#[tokio::test]
+async fn cli_scan_list_and_civitai_lookup() {
+    let fake = start_fake().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let (lora, v) = lora_file_with_version(&data.join("models"), 150, 15);
+    fake.add(v);
+    let run = |args: Vec<String>| {
+        let (base, data) = (fake.base_url.clone(), data.clone());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_sd-host"))
+                .arg("models")
+                .arg("--data-dir")
+                .arg(&data)
+                .args(&args)
+                .env("SDHOST__CIVITAI__BASE_URL", base)
+                .env("SDHOST__NETWORK__ALLOW_PRIVATE_TARGETS", "true")
+                .env_remove("SDHOST_CONFIG")
+                .output()
+                .expect("sd-host runs")
+        })
+    };
+    let text = |o: &std::process::Output| {
+        assert!(
+            o.status.success(),
+            "status {:?}\nstdout: {}\nstderr: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let ck = data.join("models/checkpoints/tiny_sd1.safetensors");
+    let ck_sha = sha_hex(&std::fs::read(&ck).expect("read"));
+    let sha = sha_hex(&std::fs::read(&lora).expect("read"));
+
+    let out = text(&run(vec!["scan".into()]).await.expect("join"));
+    assert!(out.contains("2 models (2 hashed)"), "{out}");
+    let listed = text(&run(vec!["list".into()]).await.expect("join"));
+    let line = |sha: &str| {
+        listed
+            .lines()
+            .find(|l| l.starts_with(sha))
+            .unwrap_or_else(|| panic!("{sha} listed: {listed}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        line(&ck_sha),
+        [
+            ck_sha.as_str(),
+            "checkpoint",
+            "sd1",
+            "ready",
+            "tiny_sd1.safetensors"
+        ]
+    );
+    assert_eq!(
+        line(&sha),
+        [
+            sha.as_str(),
+            "lora",
+            "unknown",
+            "ready",
+            "tiny_lora.safetensors"
+        ]
+    );
+    let out = text(&run(vec!["scan".into()]).await.expect("join"));
+    assert!(
+        out.contains("2 models (0 hashed)"),
+        "known files are not hashed again: {out}"
+    );
+
+    let out = text(&run(vec!["lookup".into(), sha.clone()]).await.expect("join"));
+    assert!(
+        out.contains("urn:air:sd1:lora:civitai:15@150")
+            && out.contains("trained words: detailed, sharp focus"),
+        "{out}"
+    );
+    let out = run(vec!["lookup".into(), ck_sha.clone()])
+        .await
+        .expect("join");
+    assert_eq!(out.status.code(), Some(1), "Civitai does not know it");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Civitai"));
+
+    // The server on the same data dir sees what the CLI stored.
+    let base = fake.base_url.clone();
+    let ts = TestServer::start_in(dir, move |c| c.civitai.base_url = base).await;
+    let (code, m) = model(&ts, &sha).await;
+    assert_eq!(code, 200, "{m}");
+    assert_eq!(m["source"]["civitai"]["version_id"], 150);
+    assert_eq!(m["family"], "sd1", "from Civitai's baseModel");
+    assert_eq!(
+        m["source"]["civitai"]["trained_words"],
+        json!(["detailed", "sharp focus"])
+    );
+    assert_eq!(fake.downloads(), 0);
 }

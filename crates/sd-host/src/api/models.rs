@@ -29,6 +29,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(scan_events))
         .routes(routes!(add_from_civitai))
         .routes(routes!(add_progress))
+        .routes(routes!(civitai_lookup))
 }
 
 const TYPES: &[&str] = &[
@@ -333,6 +334,8 @@ impl From<AddError> for ApiError {
     fn from(e: AddError) -> Self {
         match e {
             AddError::Db(d) => d.into(),
+            AddError::NotInLibrary(m) => ApiError::NotFound(m),
+            AddError::Busy(m) => ApiError::Conflict(m),
             AddError::Civitai(c) => match c {
                 CivitaiError::Invalid(m) => ApiError::field(&["body"], m),
                 CivitaiError::Unsupported(m) => ApiError::Unprocessable(m),
@@ -378,4 +381,24 @@ async fn add_progress(
     HashPath(sha): HashPath,
 ) -> ApiResult<Response> {
     progress_stream(&state, &sha).await
+}
+
+/// Looks a model already in the library (e.g. found by a scan) up on Civitai by its SHA-256 and
+/// keeps the same metadata an add from Civitai keeps (`source.civitai`: model and version id,
+/// name, type, base model, trained words, AIR); returns the updated record. Its name stays; a
+/// type or family the file's header left `unknown` comes from Civitai.
+#[utoipa::path(post, path = "/api/v1/models/{sha256}/civitai-lookup", tag = "models",
+    params(("sha256" = String, Path, description = "64 lowercase hex")),
+    responses((status = 200, body = ModelRecord),
+        (status = 404, description = "not in the library, or Civitai knows no file with this hash"),
+        (status = 409, description = "the model is still downloading"),
+        (status = 422, description = "bad hash, or the Civitai host is refused by the network policy"),
+        (status = 503, description = "Civitai unreachable")))]
+async fn civitai_lookup(
+    State(state): State<AppState>,
+    HashPath(sha): HashPath,
+) -> ApiResult<Json<ModelRecord>> {
+    Ok(Json(
+        crate::models::civitai_lookup(&Ctx::from(&state), &sha).await?,
+    ))
 }

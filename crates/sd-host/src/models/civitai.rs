@@ -332,27 +332,7 @@ pub fn resolve_version(
         }
         download_url = format!("{download_url}?{}", q.finish());
     }
-    let air = v.air.clone().or_else(|| {
-        v.model_id.map(|mid| {
-            let eco = match family {
-                "flux" => "flux1",
-                "unknown" => "sd1",
-                f => f,
-            };
-            format!("urn:air:{eco}:{model_type}:civitai:{mid}@{}", v.id)
-        })
-    });
-    let source = json!({"civitai": {
-        "model_id": v.model_id,
-        "version_id": v.id,
-        "file_id": file.id,
-        "name": v.model.as_ref().and_then(|m| m.name.clone()),
-        "version_name": v.name,
-        "type": civ_type,
-        "base_model": v.base_model,
-        "trained_words": v.trained_words,
-        "air": air,
-    }});
+    let source = source_json(v, file.id, model_type);
     Ok(Resolved {
         sha256,
         version_id: v.id,
@@ -363,6 +343,51 @@ pub fn resolve_version(
         download_url,
         source,
     })
+}
+
+/// `{"civitai": {...}}`: what we keep of a version (model id, version id, file id, names, type,
+/// baseModel, trainedWords, AIR). `model_type` is ours (for an AIR Civitai did not send).
+fn source_json(v: &CivitaiVersion, file_id: Option<u64>, model_type: &str) -> Value {
+    let civ_type = v
+        .model
+        .as_ref()
+        .and_then(|m| m.model_type.clone())
+        .unwrap_or_default();
+    let family = map_family(v.base_model.as_deref().unwrap_or_default());
+    let air = v.air.clone().or_else(|| {
+        v.model_id.map(|mid| {
+            let eco = match family {
+                "flux" => "flux1",
+                "unknown" => "sd1",
+                f => f,
+            };
+            format!("urn:air:{eco}:{model_type}:civitai:{mid}@{}", v.id)
+        })
+    });
+    json!({"civitai": {
+        "model_id": v.model_id,
+        "version_id": v.id,
+        "file_id": file_id,
+        "name": v.model.as_ref().and_then(|m| m.name.clone()),
+        "version_name": v.name,
+        "type": civ_type,
+        "base_model": v.base_model,
+        "trained_words": v.trained_words,
+        "air": air,
+    }})
+}
+
+/// The `source` for a file we already have, from the version Civitai found by its SHA-256: the
+/// same metadata an add from Civitai keeps, with the id of the file that has this hash.
+pub fn source_for_hash(v: &CivitaiVersion, sha256: &str, current_type: &str) -> Value {
+    let file_id = v
+        .files
+        .iter()
+        .find(|f| f.sha256().as_deref() == Some(sha256))
+        .and_then(|f| f.id);
+    let civ_type = v.model.as_ref().and_then(|m| m.model_type.as_deref());
+    let model_type = civ_type.and_then(map_type).unwrap_or(current_type);
+    source_json(v, file_id, model_type)
 }
 
 /// Whether `u` is on the configured Civitai origin (the only place the token may go).
@@ -533,6 +558,12 @@ mod tests {
         assert_eq!(r.family, "sd1");
         assert!(r.download_url.contains("format=SafeTensor"));
         assert_eq!(r.source["civitai"]["trained_words"][0], "tok");
+        assert_eq!(r.source["civitai"]["file_id"], 2);
+        // Found by hash: the metadata names the file with that hash, even a pickle one.
+        let by_hash = source_for_hash(&v, &"aa".repeat(32), "unknown");
+        assert_eq!(by_hash["civitai"]["file_id"], 1);
+        assert_eq!(by_hash["civitai"]["air"], "urn:air:sd1:lora:civitai:1@9");
+        assert_eq!(by_hash["civitai"]["base_model"], "SD 1.5");
         assert!(matches!(
             resolve_version(&v, Some(1), BASE),
             Err(CivitaiError::Unsupported(_))

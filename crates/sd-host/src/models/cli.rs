@@ -1,4 +1,4 @@
-//! `sd-host models list | scan | add-civitai | delete`.
+//! `sd-host models list | scan | add-civitai | lookup | delete`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +22,9 @@ pub enum ModelsCommand {
         #[arg(long)]
         file_id: Option<u64>,
     },
+    /// Look a model already in the library up on Civitai by its SHA-256 and keep its metadata
+    /// (model and version id, base model, trained words, AIR).
+    Lookup { sha256: String },
     /// Delete a model's file and record.
     Delete {
         sha256: String,
@@ -77,12 +80,55 @@ pub fn run(config: Config, cmd: ModelsCommand) -> anyhow::Result<()> {
             ModelsCommand::AddCivitai { reference, file_id } => {
                 add_civitai(config, repo, &reference, file_id).await?;
             }
+            ModelsCommand::Lookup { sha256 } => {
+                lookup(config, repo, &sha256).await?;
+            }
             ModelsCommand::Delete { sha256, force } => {
                 delete(&config, &repo, &sha256, force).await?;
             }
         }
         Ok(())
     })
+}
+
+fn ctx(config: Config, repo: crate::db::DynRepo) -> super::download::Ctx {
+    super::download::Ctx {
+        config: Arc::new(config),
+        repo,
+        events: Default::default(),
+        metrics: Default::default(),
+        downloads: Default::default(),
+    }
+}
+
+async fn lookup(config: Config, repo: crate::db::DynRepo, sha: &str) -> anyhow::Result<()> {
+    let sha = sha.trim().to_ascii_lowercase();
+    if !crate::api::extract::is_sha256_hex(&sha) {
+        bail!("{sha:?} is not a SHA-256 (64 hex digits)");
+    }
+    let rec = super::civitai_lookup(&ctx(config, repo), &sha).await?;
+    let c = rec
+        .source
+        .as_ref()
+        .and_then(|s| s.get("civitai"))
+        .cloned()
+        .unwrap_or_default();
+    let s = |k: &str| c[k].as_str().unwrap_or("-").to_string();
+    println!(
+        "{sha}  {} ({}), base model {}, {}",
+        s("name"),
+        s("version_name"),
+        s("base_model"),
+        s("air")
+    );
+    let words: Vec<&str> = c["trained_words"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|w| w.as_str()).collect())
+        .unwrap_or_default();
+    if !words.is_empty() {
+        println!("trained words: {}", words.join(", "));
+    }
+    Ok(())
 }
 
 async fn add_civitai(
@@ -103,13 +149,7 @@ async fn add_civitai(
     } else {
         req.url = Some(r.to_string());
     }
-    let ctx = super::download::Ctx {
-        config: Arc::new(config),
-        repo,
-        events: Default::default(),
-        metrics: Default::default(),
-        downloads: Default::default(),
-    };
+    let ctx = ctx(config, repo);
     let added = super::add_from_civitai(&ctx, &req).await?;
     let sha = added.record.sha256.clone();
     if added.already_ready {

@@ -67,6 +67,67 @@ pub enum AddError {
     Civitai(#[from] CivitaiError),
     #[error(transparent)]
     Db(#[from] crate::db::DbError),
+    /// The library has no such model: 404.
+    #[error("{0}")]
+    NotInLibrary(String),
+    /// The model is still downloading (it came from Civitai with its metadata): 409.
+    #[error("{0}")]
+    Busy(String),
+}
+
+/// Asks Civitai (`/api/v1/model-versions/by-hash/{sha256}`) which version a file already in the
+/// library belongs to, and keeps the same metadata an add from Civitai keeps (model and version
+/// id, names, type, baseModel, trainedWords, AIR) in the record's `source`. The record's name
+/// stays (prompts refer to it by it); a type or family the file's header left `unknown` is taken
+/// from Civitai (a LoRA's family from its baseModel), as for a download.
+pub async fn civitai_lookup(ctx: &Ctx, sha256: &str) -> Result<ModelRecord, AddError> {
+    let busy = |m: &ModelRecord| {
+        matches!(m.status.as_str(), "downloading" | "verifying").then(|| {
+            AddError::Busy(format!(
+                "model {sha256} is still downloading from Civitai; its metadata is already known"
+            ))
+        })
+    };
+    let not_found = || AddError::NotInLibrary(format!("model {sha256} not found"));
+    let rec = ctx.repo.get_model(sha256).await?.ok_or_else(not_found)?;
+    if let Some(e) = busy(&rec) {
+        return Err(e);
+    }
+    let version = match civitai::fetch_version_by_hash(&ctx.config, sha256).await {
+        Err(CivitaiError::NotFound(_)) => {
+            return Err(CivitaiError::NotFound(format!(
+                "Civitai knows no file with SHA-256 {sha256}"
+            ))
+            .into())
+        }
+        r => r?,
+    };
+    // A scan rewrites records it read before hashing: do not let it drop the metadata.
+    let _g = ctx.downloads.scan_lock().lock().await;
+    let mut rec = ctx.repo.get_model(sha256).await?.ok_or_else(not_found)?;
+    if let Some(e) = busy(&rec) {
+        return Err(e);
+    }
+    let mut source = rec
+        .source
+        .take()
+        .filter(|s| s.is_object())
+        .unwrap_or_else(|| json!({}));
+    source["civitai"] =
+        civitai::source_for_hash(&version, sha256, &rec.model_type)["civitai"].take();
+    rec.source = Some(source);
+    let civ_type = version.model.as_ref().and_then(|m| m.model_type.as_deref());
+    if let Some(t) = civ_type.and_then(civitai::map_type) {
+        if rec.model_type == "unknown" {
+            rec.model_type = t.into();
+        }
+    }
+    let family = civitai::map_family(version.base_model.as_deref().unwrap_or_default());
+    if rec.family == "unknown" {
+        rec.family = family.into();
+    }
+    ctx.repo.upsert_model(&rec).await?;
+    Ok(ctx.repo.get_model(sha256).await?.unwrap_or(rec))
 }
 
 /// Looks the version up, then creates (or reuses) the record and makes sure one download runs.
