@@ -259,6 +259,13 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     let unet_cfg = UNetConfig::detect(header, UNET_PREFIX, info.family)?;
     let vb = file.var_builder();
     let (unet, vae, text) = build(header, &vb, &info, unet_cfg, 1)?;
+    let mut info = info;
+    if info.family == Family::Sd2
+        && !info.inpaint
+        && detect::declared_v_prediction(header).is_none()
+    {
+        info.v_prediction = probe_v_prediction(&unet)?;
+    }
     Ok(Checkpoint {
         info,
         unet,
@@ -266,6 +273,19 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         text,
         source: Some(Arc::clone(&file)),
     })
+}
+
+/// Whether an SD 2.x UNet predicts v rather than noise, for files that do not say. The same probe
+/// as A1111's: on a flat latent at the noisiest timestep, a v-model's output sits far below the
+/// input (it predicts roughly `-x` there), a noise model's does not.
+fn probe_v_prediction(unet: &UNet) -> Result<bool> {
+    let dev = Device::Cpu;
+    let x = Tensor::full(0.5f32, (1, 4, 8, 8), &dev)?;
+    let t = Tensor::new(&[999f32], &dev)?;
+    let context = Tensor::full(0.5f32, (1, 2, unet.config().context_dim), &dev)?;
+    let out = unet.forward(&x, &t, &context, None)?;
+    let mean = (out - &x)?.mean_all()?.to_scalar::<f32>()?;
+    Ok(mean < -1.0)
 }
 
 /// Load a diffusers folder through its LDM-named view. LoRA needs the single-file layout
@@ -404,6 +424,48 @@ mod tests {
         let ids = chunk_ids(&[320], 0).expect("ids");
         assert_eq!(&ids[..4], &[BOS, 320, EOS, 0]);
         assert!(chunk_ids(&[1; 76], 0).is_err());
+    }
+
+    /// A tiny SD 2.x file that declares no prediction type, its UNet's last conv replaced by a
+    /// constant output `bias` (zero weights), so the probe's answer is known.
+    fn sd2_with_constant_output(dir: &Path, bias: f32) -> std::path::PathBuf {
+        use crate::safetensors_file::{serialize, Dtype};
+        let src = dir.join("src.safetensors");
+        write_tiny_checkpoint(Family::Sd2, false, 5, &src).expect("write");
+        let file = safetensors_file::open(&src).expect("open");
+        let mut tensors = Vec::new();
+        for (name, info) in &file.header().tensors {
+            let (_, raw) = file.raw(name).expect("raw");
+            let bytes = match name.as_str() {
+                "model.diffusion_model.out.2.weight" => vec![0u8; raw.len()],
+                "model.diffusion_model.out.2.bias" => {
+                    assert_eq!(info.dtype, Dtype::F16);
+                    let h = half::f16::from_f32(bias).to_le_bytes();
+                    h.repeat(info.numel())
+                }
+                _ => raw.to_vec(),
+            };
+            tensors.push((name.clone(), info.dtype, info.shape.clone(), bytes));
+        }
+        let mut meta = file.header().metadata.clone();
+        assert!(meta.remove("sd_engine.prediction_type").is_some());
+        let out = dir.join(format!("sd2-{bias}.safetensors"));
+        std::fs::write(&out, serialize(&tensors, &meta).expect("serialize")).expect("write");
+        out
+    }
+
+    #[test]
+    fn sd2_without_a_declared_prediction_type_is_probed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Output -3 everywhere: far below the 0.5 input, as a v-model's is.
+        let v = load(&sd2_with_constant_output(dir.path(), -3.0)).expect("load");
+        assert!(v.info.v_prediction);
+        let eps = load(&sd2_with_constant_output(dir.path(), 0.0)).expect("load");
+        assert!(!eps.info.v_prediction);
+        // A declared type is taken as it is, without probing.
+        let declared = dir.path().join("declared.safetensors");
+        write_tiny_checkpoint(Family::Sd2, false, 5, &declared).expect("write");
+        assert!(!load(&declared).expect("load").info.v_prediction);
     }
 
     #[test]

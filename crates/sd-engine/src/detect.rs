@@ -78,18 +78,23 @@ fn metadata_v_prediction(header: &Header) -> Option<bool> {
     None
 }
 
-/// Checkpoint facts from the header. v-prediction cannot be read from weights: it comes from
-/// `__metadata__` (`prediction_type` / `modelspec.prediction_type` = `v`/`v_prediction`, or
-/// kohya's `ss_v_parameterization`), or a `v_pred` tensor some trainers add; otherwise it is
-/// `false` for every family — including SD 2.x, where the 768-v models are v-prediction but the
-/// 512-base models are not and nothing in the weights tells them apart.
+/// The prediction type the file declares: `__metadata__` (`prediction_type` /
+/// `modelspec.prediction_type` = `v`/`v_prediction`, or kohya's `ss_v_parameterization`), or a
+/// `v_pred` tensor some trainers add. `None` when it says nothing.
+pub fn declared_v_prediction(header: &Header) -> Option<bool> {
+    metadata_v_prediction(header).or(header.contains("v_pred").then_some(true))
+}
+
+/// Checkpoint facts from the header. v-prediction is what the file declares, else `false`; for
+/// SD 2.x files that declare nothing, [`crate::checkpoint::load`] decides by probing the UNet (the
+/// 768-v and 512-base models have identical tensor names and shapes).
 pub fn checkpoint_info(header: &Header) -> Option<CheckpointInfo> {
     let family = checkpoint_family(header)?;
     let inpaint = header
         .shape(&format!("{UNET_PREFIX}input_blocks.0.0.weight"))
         .and_then(|s| s.get(1).copied())
         == Some(9);
-    let v_prediction = metadata_v_prediction(header).unwrap_or(header.contains("v_pred"));
+    let v_prediction = declared_v_prediction(header).unwrap_or(false);
     Some(CheckpointInfo {
         family,
         inpaint,

@@ -501,6 +501,11 @@ pub fn write_checkpoint_from_spec(
     meta.insert("format".to_string(), "pt".to_string());
     meta.insert("sd_engine.tiny".to_string(), family.as_str().to_string());
     meta.insert("sd_engine.seed".to_string(), seed.to_string());
+    // Random weights answer the SD 2.x v-prediction probe at random: say what they are.
+    meta.insert(
+        "sd_engine.prediction_type".to_string(),
+        "epsilon".to_string(),
+    );
     let bytes = serialize(&tensors, &meta)?;
     write_atomic(path, &bytes)
 }
@@ -714,6 +719,11 @@ pub fn write_tiny_lora(
     meta.insert("ss_base_model_version".to_string(), base.to_string());
     meta.insert("sd_engine.tiny_lora".to_string(), algo.to_string());
     meta.insert("sd_engine.seed".to_string(), seed.to_string());
+    // Random weights answer the SD 2.x v-prediction probe at random: say what they are.
+    meta.insert(
+        "sd_engine.prediction_type".to_string(),
+        "epsilon".to_string(),
+    );
     let bytes = serialize(&tensors, &meta)?;
     write_atomic(out, &bytes)
 }
