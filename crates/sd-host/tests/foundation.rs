@@ -33,6 +33,7 @@ const EXPECTED_PATHS: &[&str] = &[
     "/api/v1/models/scan",
     "/api/v1/models/scan/events",
     "/api/v1/models/{sha256}",
+    "/api/v1/models/{sha256}/civitai-lookup",
     "/api/v1/pipeline/load-checkpoint/{sha256}",
     "/api/v1/pipeline/load-loras",
     "/api/v1/pipeline/status",

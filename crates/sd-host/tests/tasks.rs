@@ -1504,6 +1504,13 @@ async fn task_list_pages_newest_first_and_filters_by_status() {
     assert_eq!(got[0]["queue_position"], 1, "{r}");
     let (status, r) = s.get_json("/api/v1/tasks?status=done").await;
     assert_eq!(status, 422, "{r}");
+    // A page far past the end is empty, not an overflow.
+    let (status, r) = s
+        .get_json(&format!("/api/v1/tasks?page={}&per_page=200", i64::MAX))
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["tasks"], json!([]), "{r}");
+    assert_eq!(r["total"], 5, "{r}");
 
     // A task's timestamps and progress: null while pending, full once completed.
     let t = task(&s, &ids[4]).await;

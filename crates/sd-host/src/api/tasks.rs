@@ -175,7 +175,7 @@ async fn list_tasks(
     let per_page = q.per_page.unwrap_or(20).clamp(1, 200);
     let (tasks, total) = state
         .repo
-        .list_tasks(status, (page - 1) * per_page, per_page)
+        .list_tasks(status, (page - 1).saturating_mul(per_page), per_page)
         .await?;
     let positions: std::collections::HashMap<String, usize> =
         if tasks.iter().any(|t| t.status == TaskStatus::Pending) {
