@@ -328,3 +328,72 @@ fn bench_reports_json_on_tiny_weights() {
     assert!(v["vae_decode_s"].as_f64().is_some_and(|t| t > 0.0));
     assert!(v["peak_rss_bytes"].as_u64().is_some_and(|b| b > 0));
 }
+
+/// `sd-host serve` with no data-dir flag creates `./data` in its working directory, answers HTTP,
+/// and on SIGTERM or SIGINT exits 0 promptly even with an event stream open.
+#[test]
+fn serve_uses_the_embedded_default_and_stops_cleanly_on_signals() {
+    use std::io::{BufRead, Read, Write};
+    for signal in ["-TERM", "-INT"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sd-host"))
+            .args(["serve", "--port", "0"])
+            .current_dir(dir.path())
+            .env("SDHOST_LOG", "error")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn sd-host");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read");
+        let addr = line
+            .trim()
+            .rsplit("http://")
+            .next()
+            .expect("address")
+            .to_string();
+        assert!(
+            addr.starts_with("127.0.0.1:"),
+            "loopback by default: {line}"
+        );
+        let data = dir.path().join("data");
+        assert!(data.join("sd-host.db").is_file() && data.join("models").is_dir());
+
+        let mut health = std::net::TcpStream::connect(&addr).expect("connect");
+        health
+            .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        let mut reply = String::new();
+        health.read_to_string(&mut reply).expect("read");
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.contains(r#""status":"ok""#), "{reply}");
+
+        // A browser tab watching the queue must not hold the stop.
+        let mut sse = std::net::TcpStream::connect(&addr).expect("connect");
+        sse.write_all(b"GET /api/v1/tasks/queue HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .expect("write");
+        let mut first = [0u8; 64];
+        let n = sse.read(&mut first).expect("stream starts");
+        assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let code = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sd-host did not stop after {signal}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert!(code.success(), "{signal}: {code:?}");
+    }
+}
