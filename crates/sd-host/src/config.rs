@@ -502,7 +502,10 @@ mod tests {
     #[test]
     fn defaults_are_the_embedded_loopback_setup() {
         let cfg = Config::load_from(None, &[], &CliOverrides::default()).unwrap();
-        assert_eq!((cfg.server.host.as_str(), cfg.server.port), ("127.0.0.1", 8000));
+        assert_eq!(
+            (cfg.server.host.as_str(), cfg.server.port),
+            ("127.0.0.1", 8000)
+        );
         assert_eq!(cfg.data_dir, std::path::PathBuf::from("./data"));
         assert!(cfg.api.keys.is_empty() && cfg.is_loopback_host());
         assert!(!cfg.network.allow_private_targets);

@@ -12,8 +12,10 @@ pub struct Policy {
 /// Index into `pending` (already in priority desc, seq asc order) of the task to run next.
 ///
 /// Smart scheduling: among the tasks of the top priority, prefer one that uses the loaded checkpoint
-/// and LoRA set, so a mixed A,B,A,B workload does not reload on every task. A task that has waited
-/// `max_reorder_wait_ms` or longer is never passed over, so reordering cannot starve anything.
+/// and LoRA set, then one that uses the loaded checkpoint with other LoRAs (re-applying LoRAs costs
+/// far less than loading a checkpoint), so a mixed A,B,A,B workload does not reload on every task.
+/// A task that has waited `max_reorder_wait_ms` or longer is never passed over, so reordering
+/// cannot starve anything.
 pub fn pick(
     pending: &[TaskRecord],
     loaded: Option<(&str, &str)>,
@@ -34,9 +36,13 @@ pub fn pick(
         return Some(overdue);
     }
     if let Some((model, loras)) = loaded {
-        if let Some(&i) = top.iter().find(|&&i| {
-            pending[i].model_sha256.as_deref() == Some(model) && pending[i].lora_key == loras
-        }) {
+        let same_model = |i: &&usize| pending[**i].model_sha256.as_deref() == Some(model);
+        if let Some(&i) = top
+            .iter()
+            .filter(same_model)
+            .find(|&&i| pending[i].lora_key == loras)
+            .or_else(|| top.iter().find(same_model))
+        {
             return Some(i);
         }
     }
@@ -86,6 +92,28 @@ mod tests {
             order.push(task.id);
         }
         (order, loads)
+    }
+
+    #[test]
+    fn the_loaded_lora_set_goes_first_then_the_loaded_checkpoint() {
+        let with = |id: &str, model: &str, loras: &str| TaskRecord {
+            lora_key: loras.into(),
+            ..t(id, model, 0, 0)
+        };
+        let q = vec![
+            with("b", "B", ""),
+            with("a-x", "A", "x:1"),
+            with("a-y", "A", "y:0.5"),
+            with("a", "A", ""),
+        ];
+        // A with LoRA y loaded: the exact match first.
+        assert_eq!(pick(&q, Some(("A", "y:0.5")), 10, SMART), Some(2));
+        // A with no LoRA loaded: the plain A task, not an A task that needs LoRAs.
+        assert_eq!(pick(&q, Some(("A", "")), 10, SMART), Some(3));
+        // A with LoRA z loaded (no exact match): still A, only the LoRAs change.
+        assert_eq!(pick(&q, Some(("A", "z:1")), 10, SMART), Some(1));
+        // C loaded: nothing matches, FIFO.
+        assert_eq!(pick(&q, Some(("C", "")), 10, SMART), Some(0));
     }
 
     #[test]
