@@ -73,6 +73,9 @@ pub struct ServerConfig {
     pub port: u16,
     pub public_url: Option<String>,
     pub cors_origins: Vec<String>,
+    /// Keep-alive comment interval on idle event streams (shorter behind strict proxies).
+    #[serde(with = "human_duration")]
+    pub sse_keepalive: Duration,
 }
 
 impl Default for ServerConfig {
@@ -82,6 +85,7 @@ impl Default for ServerConfig {
             port: 8000,
             public_url: None,
             cors_origins: Vec::new(),
+            sse_keepalive: Duration::from_secs(15),
         }
     }
 }

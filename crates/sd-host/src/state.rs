@@ -58,6 +58,11 @@ impl AppState {
             .clone()
             .map(|u| u.trim_end_matches('/').to_string())
             .unwrap_or_else(|| format!("http://{bound}"));
+        // A zero interval would spin; 100 ms is the floor.
+        let keep_alive = config
+            .server
+            .sse_keepalive
+            .max(std::time::Duration::from_millis(100));
         Ok(AppState {
             config: Arc::new(config),
             repo,
@@ -69,7 +74,7 @@ impl AppState {
             key_digests: Arc::new(key_digests),
             engine,
             queue: QueueHandle::new(),
-            events: EventHub::default(),
+            events: EventHub::default().with_keep_alive(keep_alive),
             downloads: Default::default(),
             base_url: Arc::new(base_url),
         })

@@ -965,3 +965,25 @@ async fn bench_attribute_query_over_100k_images() {
     );
     assert_eq!(total, 2000);
 }
+
+/// A blob left without a row by a crash (written, row never committed) is removed by the sweep
+/// that runs at start, with no call from anyone.
+#[tokio::test]
+async fn start_up_sweep_removes_blobs_without_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bytes = b"bytes of an image whose row was never written";
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes));
+    let orphan = dir.path().join("data/images").join(&hash[..2]).join(&hash);
+    std::fs::create_dir_all(orphan.parent().expect("shard")).expect("mkdir");
+    std::fs::write(&orphan, bytes).expect("plant");
+    let s = TestServer::start_in(dir, |_| {}).await;
+    assert_eq!(blob_path(&s, &hash), orphan);
+    for _ in 0..200 {
+        if !orphan.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(!orphan.exists(), "the start-up sweep removed the orphan");
+    assert_eq!(s.get(&format!("/api/v1/images/{hash}")).await.status(), 404);
+}

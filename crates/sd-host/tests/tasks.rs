@@ -1596,3 +1596,29 @@ async fn output_format_of_a_task_sets_the_stored_image_type() {
         assert_eq!(rec.format, stored);
     }
 }
+
+/// Idle event streams get keep-alive comments at `server.sse_keepalive`, so proxies keep them open.
+#[tokio::test]
+async fn idle_streams_get_keep_alive_comments() {
+    let s = server_with_models(&[1], |c| {
+        c.server.sse_keepalive = Duration::from_millis(150)
+    })
+    .await;
+    let resp = s
+        .client
+        .get(s.url("/api/v1/tasks/queue"))
+        .send()
+        .await
+        .expect("sse");
+    let mut stream = resp.bytes_stream();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while text.matches(": keep-alive").count() < 3 {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(chunk)) => text.push_str(&String::from_utf8_lossy(&chunk.expect("chunk"))),
+            _ => break,
+        }
+    }
+    assert!(text.starts_with("event: snapshot"), "{text}");
+    assert!(text.matches(": keep-alive").count() >= 3, "{text}");
+}

@@ -160,7 +160,7 @@ async fn job_events(
         .boxed();
     let queue = state.events.feed(QUEUE_TOPIC).boxed();
     let stream = merge_positions(task, queue, id, total_steps);
-    Ok(sse_response(stream))
+    Ok(sse_response(&state.events, stream))
 }
 
 /// The task's own events, plus position changes from queue snapshots while it is pending.
@@ -262,7 +262,7 @@ async fn gallery_events(State(state): State<AppState>) -> impl IntoResponse {
             out
         }
     });
-    sse_response(stream)
+    sse_response(&state.events, stream)
 }
 
 /// Runs a request through the native image routes (same handlers, same headers: ETag, Range, ...).

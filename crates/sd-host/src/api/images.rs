@@ -517,7 +517,7 @@ async fn delete_images(
 #[utoipa::path(get, path = "/api/v1/images/events", tag = "images",
     responses((status = 200, description = "text/event-stream of `image` events", content_type = "text/event-stream")))]
 async fn gallery_events(State(state): State<AppState>) -> impl IntoResponse {
-    crate::events::sse_response(state.events.feed("gallery"))
+    crate::events::sse_response(&state.events, state.events.feed("gallery"))
 }
 
 #[derive(Deserialize, ToSchema, Default)]

@@ -131,14 +131,14 @@ async fn progress_stream(state: &AppState, sha: &str) -> ApiResult<Response> {
     let first: Vec<SseEvent> = match m.status.as_str() {
         "ready" => {
             let ev = SseEvent::new("ready", serde_json::to_value(&m).unwrap_or_default());
-            return Ok(sse_response(futures::stream::iter([ev])).into_response());
+            return Ok(sse_response(&state.events, futures::stream::iter([ev])).into_response());
         }
         "failed" => {
             let ev = SseEvent::new(
                 "failed",
                 json!({"sha256": sha, "detail": m.error.unwrap_or_else(|| "download failed".into())}),
             );
-            return Ok(sse_response(futures::stream::iter([ev])).into_response());
+            return Ok(sse_response(&state.events, futures::stream::iter([ev])).into_response());
         }
         "verifying" => vec![SseEvent::new("verifying", json!({"sha256": sha}))],
         _ => state
@@ -157,7 +157,7 @@ async fn progress_stream(state: &AppState, sha: &str) -> ApiResult<Response> {
         let end = matches!(ev.event.as_str(), "ready" | "failed" | "interrupted");
         Some((ev, (live, end)))
     });
-    Ok(sse_response(futures::stream::iter(first).chain(live)).into_response())
+    Ok(sse_response(&state.events, futures::stream::iter(first).chain(live)).into_response())
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -318,7 +318,7 @@ async fn scan_models(State(state): State<AppState>) -> ApiResult<Json<ScanReport
 #[utoipa::path(get, path = "/api/v1/models/scan/events", tag = "models",
     responses((status = 200, content_type = "text/event-stream")))]
 async fn scan_events(State(state): State<AppState>) -> impl IntoResponse {
-    sse_response(state.events.feed("models:scan"))
+    sse_response(&state.events, state.events.feed("models:scan"))
 }
 
 #[derive(Serialize, ToSchema)]

@@ -322,6 +322,7 @@ async fn task_events(
         .ok_or_else(|| ApiError::NotFound(format!("no task {id}")))?;
     let topic = replayable_topic(&state, &t);
     Ok(sse_response(
+        &state.events,
         state.events.subscribe(&topic, last_event_id(&headers)),
     ))
 }
@@ -351,5 +352,5 @@ pub fn replayable_topic(state: &AppState, t: &TaskRecord) -> String {
 async fn queue_events(State(state): State<AppState>) -> impl IntoResponse {
     let first = SseEvent::new("snapshot", state.queue.snapshot(&state).await);
     let live = state.events.feed(QUEUE_TOPIC);
-    sse_response(futures::stream::iter([first]).chain(live))
+    sse_response(&state.events, futures::stream::iter([first]).chain(live))
 }

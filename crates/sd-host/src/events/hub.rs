@@ -48,6 +48,8 @@ pub struct EventHub {
     epoch: u64,
     /// Set at shutdown: every stream ends so a graceful stop does not wait on SSE clients.
     closed: tokio::sync::watch::Sender<bool>,
+    /// How often an idle stream gets a keep-alive comment (`server.sse_keepalive`).
+    keep_alive: std::time::Duration,
 }
 
 impl Default for EventHub {
@@ -61,11 +63,21 @@ impl Default for EventHub {
             order: Arc::default(),
             epoch: boot_ms << 20,
             closed: tokio::sync::watch::channel(false).0,
+            keep_alive: std::time::Duration::from_secs(15),
         }
     }
 }
 
 impl EventHub {
+    pub fn with_keep_alive(mut self, every: std::time::Duration) -> Self {
+        self.keep_alive = every;
+        self
+    }
+
+    pub fn keep_alive(&self) -> std::time::Duration {
+        self.keep_alive
+    }
+
     /// Ends every open stream (graceful shutdown).
     pub fn close_all(&self) {
         self.closed.send_replace(true);

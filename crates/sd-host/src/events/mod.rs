@@ -3,7 +3,6 @@
 pub mod hub;
 
 use std::convert::Infallible;
-use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
@@ -44,15 +43,19 @@ impl SseEvent {
     }
 }
 
-/// Keep-alive comments every 15 s so proxies and clients do not time out idle streams.
-pub fn sse_response<S>(stream: S) -> Sse<impl Stream<Item = Result<Event, Infallible>>>
+/// An SSE response with keep-alive comments every `hub.keep_alive` (15 s by default) so proxies
+/// and clients do not time out idle streams.
+pub fn sse_response<S>(
+    hub: &EventHub,
+    stream: S,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>>
 where
     S: Stream<Item = SseEvent> + Send + 'static,
 {
     use futures::StreamExt;
     Sse::new(stream.map(|e| Ok(e.to_axum()))).keep_alive(
         KeepAlive::new()
-            .interval(Duration::from_secs(15))
+            .interval(hub.keep_alive())
             .text("keep-alive"),
     )
 }
