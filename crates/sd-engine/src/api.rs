@@ -129,6 +129,9 @@ pub enum Control {
     /// Stop sampling the current image, decode it as it stands, and go on with the next one
     /// (A1111's "skip").
     SkipImage,
+    /// Stop sampling the current image, decode it as it stands, and return the images made so
+    /// far without starting another (A1111's "interrupt").
+    Finish,
 }
 
 /// One LoRA-family file (LoRA, LoCon, LoHA, LoKr) to apply with a strength.
@@ -195,7 +198,8 @@ pub trait Backend: Send {
     fn unload(&mut self);
     fn loaded(&self) -> Option<&CheckpointInfo>;
     /// Make `params.num_images` images. Returns [`crate::EngineError::Cancelled`] when the
-    /// callback answers [`Control::Cancel`]; [`Control::SkipImage`] cuts one image short.
+    /// callback answers [`Control::Cancel`]; [`Control::SkipImage`] cuts one image short and
+    /// [`Control::Finish`] returns early with what is done.
     fn generate(
         &mut self,
         params: &GenerateParams,

@@ -412,7 +412,8 @@ impl CpuEngine {
             match progress(&report) {
                 Control::Continue => {}
                 Control::Cancel => return Err(EngineError::Cancelled),
-                Control::SkipImage => break,
+                // Finish is turned into a skip by generate_tensors, which then stops.
+                Control::SkipImage | Control::Finish => break,
             }
         }
         let z = latents.affine(1.0 / scaling_factor(ck.info.family), 0.0)?;
@@ -433,8 +434,19 @@ impl CpuEngine {
         validate(ck, params)?;
         let prep = self.prepare(ck, params)?;
         let mut out = Vec::with_capacity(params.num_images as usize);
+        let finish = std::cell::Cell::new(false);
+        let mut step = |p: &Progress| match progress(p) {
+            Control::Finish => {
+                finish.set(true);
+                Control::SkipImage
+            }
+            other => other,
+        };
         for i in 0..params.num_images {
-            out.push(self.generate_one(ck, params, &prep, i, progress)?);
+            out.push(self.generate_one(ck, params, &prep, i, &mut step)?);
+            if finish.get() {
+                break;
+            }
         }
         Ok(out)
     }
@@ -705,6 +717,31 @@ mod tests {
         assert_eq!(steps_seen, [(0, 1), (1, 1), (1, 2), (1, 3), (1, 4)]);
         assert_ne!(skipped[0], full[0], "image 0 stopped after one step");
         assert_eq!(skipped[1], full[1], "image 1 is untouched by the skip");
+    }
+
+    #[test]
+    fn finish_returns_the_images_so_far_with_the_current_one_cut_short() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut e = engine(Family::Sd1, false, dir.path());
+        let mut p = params(32, 32);
+        p.steps = 4;
+        p.num_images = 3;
+        let full = e.generate(&p, &mut |_| Control::Continue).expect("full");
+        let mut seen = vec![];
+        let done = e
+            .generate(&p, &mut |r| {
+                seen.push((r.image_index, r.step));
+                if (r.image_index, r.step) == (1, 2) {
+                    Control::Finish
+                } else {
+                    Control::Continue
+                }
+            })
+            .expect("finished early");
+        assert_eq!(done.len(), 2, "image 2 was never started");
+        assert_eq!(seen.last(), Some(&(1, 2)));
+        assert_eq!(done[0], full[0], "image 0 had finished");
+        assert_ne!(done[1], full[1], "image 1 stopped after two of four steps");
     }
 
     /// An embedding file whose vectors are the checkpoint's own token embeddings of `words`,

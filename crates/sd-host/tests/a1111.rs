@@ -683,14 +683,17 @@ async fn progress_and_interrupt() {
     assert_eq!((st, v), (200, json!({})));
     let (st, r) = call.await.expect("joined");
     assert_eq!(st, 200, "{r}");
-    assert_eq!(
-        r["images"],
-        json!([]),
-        "interrupted before any image finished"
-    );
+    // As in A1111: the image in progress comes back as it stood, and no other was started.
+    let images = r["images"].as_array().expect("images");
+    assert_eq!(images.len(), 1, "the first of 10 images, cut short");
+    assert_eq!(decode_image(&images[0]).width(), 128);
     assert_eq!(info(&r)["interrupted"], true);
     let (_, tasks) = s.get_json("/api/v1/tasks").await;
-    assert_eq!(tasks["tasks"][0]["status"], "cancelled");
+    assert_eq!(tasks["tasks"][0]["status"], "completed");
+    assert_eq!(
+        tasks["tasks"][0]["images"].as_array().map(Vec::len),
+        Some(1)
+    );
     let (_, p) = s.get_json("/sdapi/v1/progress").await;
     assert_eq!(p["state"]["job_count"], 0);
 

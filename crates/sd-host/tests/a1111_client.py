@@ -83,7 +83,8 @@ def main():
     api.interrupt()
     t.join(timeout=600)
     check(not t.is_alive(), "txt2img returns after interrupt")
-    check(result["r"].images == [], "an interrupted job returns no images")
+    check(len(result["r"].images) == 1, "an interrupted job returns the image it was making")
+    check(result["r"].info["interrupted"] is True, "info says interrupted")
     check(api.get_progress()["state"]["job_count"] == 0, "idle after interrupt")
 
     opts = api.get_options()

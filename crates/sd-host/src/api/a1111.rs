@@ -583,7 +583,8 @@ impl Drop for CancelOnDrop {
 
 #[derive(Serialize, ToSchema)]
 pub struct A1111Response {
-    /// Base64 PNGs (no data-URL prefix), empty when `send_images` is false or the task was interrupted.
+    /// Base64 PNGs (no data-URL prefix), empty when `send_images` is false; after an interrupt,
+    /// the images made until then.
     images: Vec<String>,
     /// The request as understood, defaults filled in.
     #[schema(value_type = Object)]
@@ -722,7 +723,7 @@ async fn info_json(
         "is_using_inpainting_conditioning": p.get("mask").is_some_and(|m| !m.is_null()),
         "version": crate::images::infotext::version_string(),
         "task_id": t.id,
-        "interrupted": t.status == TaskStatus::Cancelled,
+        "interrupted": t.status == TaskStatus::Cancelled || stopped(&t.id) == Some(None),
     })
 }
 
@@ -834,12 +835,13 @@ async fn progress(
     })))
 }
 
-/// Stops the running task at its next step (its `txt2img` call returns what finished: nothing).
+/// Stops the running task at its next step, as A1111 does: the image in progress is decoded as it
+/// stands, no further image is started, and its `txt2img` call returns the images made so far.
 #[utoipa::path(post, path = "/sdapi/v1/interrupt", tag = "a1111", responses((status = 200)))]
 async fn interrupt(State(state): State<AppState>) -> Json<Value> {
     if let Some(r) = state.queue.running() {
         remember_stopped(&r.task_id, None);
-        state.queue.cancel_running(Some(&r.task_id));
+        state.queue.finish_running();
     }
     Json(json!({}))
 }

@@ -141,6 +141,16 @@ impl QueueHandle {
         }
     }
 
+    /// Ends the running task early with the images it has, the one in progress decoded as it
+    /// stands (A1111 `interrupt`); the task completes. Returns the running task's id.
+    pub fn finish_running(&self) -> Option<String> {
+        let guard = self.running_lock();
+        guard.as_ref().map(|r| {
+            r.cancel.finish();
+            r.info.task_id.clone()
+        })
+    }
+
     /// Cuts the running task's current image short (A1111 `skip`); the task goes on with its next
     /// image. Returns the running task's id.
     pub fn skip_running_image(&self) -> Option<String> {

@@ -24,6 +24,7 @@ pub struct StopSignal {
 const RUN: u8 = 0;
 const CANCEL: u8 = 1;
 const SKIP_IMAGE: u8 = 2;
+const FINISH: u8 = 3;
 
 impl StopSignal {
     pub fn new(cancelled: bool) -> Self {
@@ -37,7 +38,17 @@ impl StopSignal {
         self.state.store(CANCEL, Ordering::SeqCst);
     }
 
-    /// Cuts image `index` short; a cancel already asked for stays.
+    /// Ends the run early, keeping the images done and the one in progress as it stands
+    /// (A1111's interrupt); a cancel already asked for stays.
+    pub fn finish(&self) {
+        let _ = self
+            .state
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
+                (s != CANCEL).then_some(FINISH)
+            });
+    }
+
+    /// Cuts image `index` short; a cancel or finish already asked for stays.
     pub fn skip_image(&self, index: u32) {
         self.skip_index.store(index, Ordering::SeqCst);
         let _ = self
@@ -53,6 +64,7 @@ impl StopSignal {
         {
             Ok(_) if self.skip_index.load(Ordering::SeqCst) == index => Control::SkipImage,
             Ok(_) | Err(RUN) => Control::Continue,
+            Err(FINISH) => Control::Finish,
             Err(_) => Control::Cancel,
         }
     }
@@ -358,5 +370,16 @@ mod stop_tests {
         s.skip_image(3);
         assert_eq!(s.control(3), Control::Cancel);
         assert_eq!(StopSignal::new(true).control(0), Control::Cancel);
+        let f = StopSignal::new(false);
+        f.skip_image(0);
+        f.finish();
+        assert_eq!(f.control(0), Control::Finish, "finish replaces a pending skip");
+        assert_eq!(f.control(1), Control::Finish, "and stays");
+        f.skip_image(1);
+        assert_eq!(f.control(1), Control::Finish);
+        f.cancel();
+        assert_eq!(f.control(1), Control::Cancel, "cancel wins over finish");
+        f.finish();
+        assert_eq!(f.control(1), Control::Cancel);
     }
 }
