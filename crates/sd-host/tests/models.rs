@@ -1418,6 +1418,27 @@ async fn full_200_answer_to_a_range_request_restarts_from_zero() {
     assert_eq!(std::fs::read(file).expect("installed"), v.bytes);
 }
 
+/// `sd-host models ARGS` on `data`, against the fake Civitai, off the async workers.
+fn models_cli(
+    fake: &FakeCivitai,
+    data: &Path,
+    args: Vec<String>,
+) -> tokio::task::JoinHandle<std::process::Output> {
+    let (base, data) = (fake.base_url.clone(), data.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sd-host"))
+            .arg("models")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(&args)
+            .env("SDHOST__CIVITAI__BASE_URL", base)
+            .env("SDHOST__NETWORK__ALLOW_PRIVATE_TARGETS", "true")
+            .env_remove("SDHOST_CONFIG")
+            .output()
+            .expect("sd-host runs")
+    })
+}
+
 #[tokio::test]
 async fn cli_add_civitai_list_and_delete() {
     let fake = start_fake().await;
@@ -1425,21 +1446,7 @@ async fn cli_add_civitai_list_and_delete() {
     fake.add(v.clone());
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let run = |args: Vec<String>| {
-        let (base, data) = (fake.base_url.clone(), data.clone());
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_sd-host"))
-                .arg("models")
-                .arg("--data-dir")
-                .arg(&data)
-                .args(&args)
-                .env("SDHOST__CIVITAI__BASE_URL", base)
-                .env("SDHOST__NETWORK__ALLOW_PRIVATE_TARGETS", "true")
-                .env_remove("SDHOST_CONFIG")
-                .output()
-                .expect("sd-host runs")
-        })
-    };
+    let run = |args: Vec<String>| models_cli(&fake, &data, args);
     let sha = v.listed_sha.to_lowercase();
     let out = run(vec![
         "add-civitai".into(),
@@ -1703,21 +1710,7 @@ async fn cli_scan_list_and_civitai_lookup() {
     let data = dir.path().join("data");
     let (lora, v) = lora_file_with_version(&data.join("models"), 150, 15);
     fake.add(v);
-    let run = |args: Vec<String>| {
-        let (base, data) = (fake.base_url.clone(), data.clone());
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_sd-host"))
-                .arg("models")
-                .arg("--data-dir")
-                .arg(&data)
-                .args(&args)
-                .env("SDHOST__CIVITAI__BASE_URL", base)
-                .env("SDHOST__NETWORK__ALLOW_PRIVATE_TARGETS", "true")
-                .env_remove("SDHOST_CONFIG")
-                .output()
-                .expect("sd-host runs")
-        })
-    };
+    let run = |args: Vec<String>| models_cli(&fake, &data, args);
     let text = |o: &std::process::Output| {
         assert!(
             o.status.success(),

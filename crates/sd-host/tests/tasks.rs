@@ -789,21 +789,7 @@ fn a_callback_cut_short_by_a_crash_is_sent_at_the_next_start() {
 
     rt.block_on(async {
         let s = TestServer::start_in(dir, |c| c.network.allow_private_targets = true).await;
-        for _ in 0..200 {
-            if !hits.lock().expect("lock").is_empty()
-                && s.server
-                    .state
-                    .repo
-                    .callbacks_due()
-                    .await
-                    .expect("db")
-                    .is_empty()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let got = hits.lock().expect("lock").clone();
+        let got = callbacks_settled(&s, &hits, 1).await;
         assert_eq!(got.len(), 1, "sent again once after the restart: {got:?}");
         assert_eq!(got[0]["task_id"], id.as_str());
         assert_eq!(got[0]["status"], "completed");
