@@ -373,7 +373,11 @@ mod stop_tests {
         let f = StopSignal::new(false);
         f.skip_image(0);
         f.finish();
-        assert_eq!(f.control(0), Control::Finish, "finish replaces a pending skip");
+        assert_eq!(
+            f.control(0),
+            Control::Finish,
+            "finish replaces a pending skip"
+        );
         assert_eq!(f.control(1), Control::Finish, "and stays");
         f.skip_image(1);
         assert_eq!(f.control(1), Control::Finish);
