@@ -48,13 +48,25 @@ pub fn check_exposure(config: &Config, insecure_no_auth: bool) -> anyhow::Result
 
 /// Binds `config.server.host:port` (port 0 = any) and serves until `stop` or the returned future ends.
 pub async fn start(config: Config, insecure_no_auth: bool) -> anyhow::Result<RunningServer> {
+    start_with_engine(config, insecure_no_auth, || {
+        Box::new(sd_engine::pipeline::CpuEngine::new())
+    })
+    .await
+}
+
+/// [`start`] with another engine backend (tests use it to make the engine fail on purpose).
+pub async fn start_with_engine(
+    config: Config,
+    insecure_no_auth: bool,
+    make_engine: impl FnOnce() -> Box<dyn sd_engine::Backend> + Send + 'static,
+) -> anyhow::Result<RunningServer> {
     check_exposure(&config, insecure_no_auth)?;
     let bind = format!("{}:{}", config.server.host, config.server.port);
     let listener = TcpListener::bind(&bind)
         .await
         .with_context(|| format!("binding {bind}"))?;
     let addr = listener.local_addr()?;
-    let state = AppState::build(config, addr).await?;
+    let state = AppState::build_with_engine(config, addr, make_engine).await?;
     startup(&state).await?;
     let app = crate::api::router(state.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -37,6 +37,19 @@ pub struct AppState {
 
 impl AppState {
     pub async fn build(config: Config, bound: std::net::SocketAddr) -> anyhow::Result<AppState> {
+        Self::build_with_engine(config, bound, || {
+            Box::new(sd_engine::pipeline::CpuEngine::new())
+        })
+        .await
+    }
+
+    /// Like [`AppState::build`], with the engine `make_engine` builds on the engine thread (tests
+    /// wrap the real engine to inject faults).
+    pub async fn build_with_engine(
+        config: Config,
+        bound: std::net::SocketAddr,
+        make_engine: impl FnOnce() -> Box<dyn sd_engine::Backend> + Send + 'static,
+    ) -> anyhow::Result<AppState> {
         std::fs::create_dir_all(&config.data_dir)?;
         std::fs::create_dir_all(config.models_dir())?;
         let repo = crate::db::connect(&config.database_url()).await?;
@@ -51,7 +64,7 @@ impl AppState {
             .iter()
             .map(|k| crate::api::auth::digest(k.expose().as_bytes()))
             .collect();
-        let engine = EngineHandle::spawn(|| Box::new(sd_engine::pipeline::CpuEngine::new()));
+        let engine = EngineHandle::spawn(make_engine);
         let base_url = config
             .server
             .public_url

@@ -1608,3 +1608,65 @@ async fn idle_streams_get_keep_alive_comments() {
     assert!(text.starts_with("event: snapshot"), "{text}");
     assert!(text.matches(": keep-alive").count() >= 3, "{text}");
 }
+
+/// The real engine, except that a prompt containing `PANIC` makes `generate` panic.
+struct PanicsOnRequest(sd_engine::pipeline::CpuEngine);
+
+impl sd_engine::Backend for PanicsOnRequest {
+    fn load_checkpoint(&mut self, path: &Path) -> sd_engine::Result<sd_engine::CheckpointInfo> {
+        self.0.load_checkpoint(path)
+    }
+    fn unload(&mut self) {
+        self.0.unload()
+    }
+    fn loaded(&self) -> Option<&sd_engine::CheckpointInfo> {
+        self.0.loaded()
+    }
+    fn generate(
+        &mut self,
+        params: &sd_engine::GenerateParams,
+        progress: &mut dyn FnMut(&sd_engine::Progress) -> sd_engine::Control,
+    ) -> sd_engine::Result<Vec<sd_engine::RgbImage>> {
+        assert!(!params.prompt.contains("PANIC"), "injected engine panic");
+        self.0.generate(params, progress)
+    }
+    fn set_loras(
+        &mut self,
+        loras: &[sd_engine::LoraSpec],
+    ) -> sd_engine::Result<sd_engine::LoraReport> {
+        self.0.set_loras(loras)
+    }
+    fn set_embeddings(
+        &mut self,
+        embeddings: &[sd_engine::EmbeddingSpec],
+    ) -> sd_engine::Result<sd_engine::EmbeddingReport> {
+        self.0.set_embeddings(embeddings)
+    }
+}
+
+/// A panic inside the engine fails that task with a message; the engine thread survives and the
+/// next task runs (on a freshly loaded model).
+#[tokio::test]
+async fn an_engine_panic_fails_the_task_and_the_queue_goes_on() {
+    let s = TestServer::start_in_with_engine(
+        data_dir_with_models(&[1]),
+        |_| {},
+        || Box::new(PanicsOnRequest(sd_engine::pipeline::CpuEngine::new())),
+    )
+    .await;
+    s.post_json("/api/v1/queue/pause", &json!({})).await;
+    let bad = submit(&s, json!({"prompt": "PANIC please"})).await;
+    let good = submit(&s, json!({})).await;
+    s.post_json("/api/v1/queue/resume", &json!({})).await;
+    let t = wait_status(&s, &bad, &["failed", "completed"]).await;
+    assert_eq!(t["status"], "failed", "{t}");
+    let msg = t["error_message"].as_str().unwrap_or_default();
+    assert!(msg.contains("injected engine panic"), "{t}");
+    let t = wait_status(&s, &good, &["failed", "completed"]).await;
+    assert_eq!(t["status"], "completed", "{t}");
+    let loads = s.server.state.engine.loads.load(Ordering::SeqCst);
+    assert_eq!(
+        loads, 2,
+        "the model was dropped after the panic and loaded again"
+    );
+}

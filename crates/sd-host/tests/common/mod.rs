@@ -22,12 +22,24 @@ impl TestServer {
 
     /// Starts on an existing data dir (restart tests).
     pub async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        Self::start_in_with_engine(dir, tweak, || {
+            Box::new(sd_engine::pipeline::CpuEngine::new())
+        })
+        .await
+    }
+
+    /// [`TestServer::start_in`] with another engine backend (fault injection).
+    pub async fn start_in_with_engine(
+        dir: tempfile::TempDir,
+        tweak: impl FnOnce(&mut Config),
+        make_engine: impl FnOnce() -> Box<dyn sd_engine::Backend> + Send + 'static,
+    ) -> TestServer {
         let mut cfg = Config::load_from(None, &[], &CliOverrides::default()).expect("config");
         cfg.server.port = 0;
         cfg.data_dir = dir.path().join("data");
         cfg.network.allow_private_targets = true;
         tweak(&mut cfg);
-        let server = sd_host::server::start(cfg, false)
+        let server = sd_host::server::start_with_engine(cfg, false, make_engine)
             .await
             .expect("server starts");
         TestServer {
