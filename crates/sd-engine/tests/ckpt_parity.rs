@@ -1,7 +1,9 @@
 //! Parity of the checkpoint loader, UNet, text-encoder wiring and whole sampling pipeline with
 //! diffusers, on the engine's tiny checkpoints (which diffusers' own single-file loader accepts
 //! with no missing or unexpected keys). Fixtures: tests/fixtures/ckpt/, written by
-//! tools/fixtures/make_ckpt_fixtures.py (see there to regenerate).
+//! tools/fixtures/make_ckpt_fixtures.py (see there to regenerate). The A1111 prompt checks
+//! (weights, > 75 tokens, BREAK) compare the engine's conditioning with the script's independent
+//! Python implementation of A1111's chunking and emphasis on diffusers' text encoders.
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +12,8 @@ use sd_engine::checkpoint::{self, Checkpoint};
 use sd_engine::models::unet::sdxl_vector;
 use sd_engine::pipeline::CpuEngine;
 use sd_engine::safetensors_file::{self, SafetensorsFile};
+use sd_engine::text::conditioning::encode_prompt;
+use sd_engine::text::tokenizer::ClipTokenizer;
 use sd_engine::tiny::write_tiny_checkpoint;
 use sd_engine::{Backend, Control, Family, GenerateParams};
 
@@ -55,6 +59,73 @@ fn tiny(dir: &Path, fam: Family, inpaint: bool) -> PathBuf {
     let p = dir.join(format!("{}-{inpaint}.safetensors", fam.as_str()));
     write_tiny_checkpoint(fam, inpaint, TINY_SEED, &p).expect("write tiny checkpoint");
     p
+}
+
+/// The tiny checkpoint with a few text-encoder tensors replaced, as the fixture script's
+/// `a1111_variant` / `A1111_OVERRIDES` write it (`true` = the "weight" values
+/// 1 + 0.125 * (i % 7 - 3), `false` = the "bias" values 0.125 * (3i % 9) - 0.25; stored f16).
+/// With the plain tiny weights the hidden states have a mean of ~0, which would make A1111's
+/// emphasis mean restore divide noise by noise.
+fn a1111_variant(dir: &Path, fam: Family) -> PathBuf {
+    let overrides: &[(&str, bool)] = match fam {
+        Family::Sd1 => &[
+            (
+                "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+                true,
+            ),
+            (
+                "cond_stage_model.transformer.text_model.final_layer_norm.bias",
+                false,
+            ),
+        ],
+        Family::Sd2 => &[
+            ("cond_stage_model.model.ln_final.weight", true),
+            ("cond_stage_model.model.ln_final.bias", false),
+        ],
+        Family::Sdxl => &[
+            (
+                "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc2.bias",
+                false,
+            ),
+            (
+                "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_proj.bias",
+                false,
+            ),
+        ],
+    };
+    let src = tiny(dir, fam, false);
+    let f = safetensors_file::open(&src).expect("open tiny");
+    let tensors: Vec<_> = f
+        .header()
+        .tensors
+        .iter()
+        .map(|(name, info)| {
+            let bytes = match overrides.iter().find(|(n, _)| n == name) {
+                Some(&(_, is_weight)) => (0..info.numel() as i32)
+                    .map(|i| {
+                        if is_weight {
+                            1.0 + 0.125 * (i % 7 - 3) as f32
+                        } else {
+                            0.125 * (3 * i % 9) as f32 - 0.25
+                        }
+                    })
+                    .flat_map(|x| half::f16::from_f32(x).to_le_bytes())
+                    .collect(),
+                None => f.raw(name).expect("raw").1.to_vec(),
+            };
+            (name.clone(), info.dtype, info.shape.clone(), bytes)
+        })
+        .collect();
+    for (name, _) in overrides {
+        assert!(
+            f.header().contains(name),
+            "{name} not in the tiny checkpoint"
+        );
+    }
+    let bytes = safetensors_file::serialize(&tensors, &f.header().metadata).expect("serialize");
+    let dst = dir.join(format!("{}-a1111.safetensors", fam.as_str()));
+    std::fs::write(&dst, bytes).expect("write");
+    dst
 }
 
 fn load(dir: &Path, fam: Family, inpaint: bool) -> Checkpoint {
@@ -116,6 +187,39 @@ fn check_text(ck: &Checkpoint, fam: Family) {
     }
 }
 
+/// A1111-style conditioning (attention weights, > 75 tokens, BREAK) through the engine's prompt
+/// encoder (`encode_prompt`, what the pipeline's `encode_pair_with` runs per prompt), against the
+/// script's `a1111_conditioning` (diffusers' text encoders; A1111's chunking, padding, layers and
+/// "Original" emphasis re-implemented in Python). `ck` must be loaded from [`a1111_variant`].
+fn check_a1111_text(ck: &Checkpoint, fam: Family) {
+    let f = fixture(&format!("{}_text.safetensors", fam.as_str()));
+    let meta = &f.header().metadata;
+    let tok = ClipTokenizer::new();
+    for (name, chunks) in [("weighted", 1), ("long", 2), ("break", 2)] {
+        let prompt = meta
+            .get(&format!("{name}_prompt"))
+            .unwrap_or_else(|| panic!("{name}_prompt missing from the fixture metadata"));
+        let c = encode_prompt(&tok, &ck.text, prompt, 1, 1).expect("encode");
+        assert_eq!(c.chunks(), chunks, "{} {name}: chunk count", fam.as_str());
+        let what = format!("{} a1111 {name}", fam.as_str());
+        assert_close(
+            &format!("{what} hidden"),
+            &c.context.squeeze(0).expect("squeeze"),
+            &get(&f, &format!("{name}_hidden")),
+        );
+        if fam == Family::Sdxl {
+            let p = c.pooled.expect("pooled").squeeze(0).expect("squeeze");
+            assert_close(
+                &format!("{what} pooled"),
+                &p,
+                &get(&f, &format!("{name}_pooled")),
+            );
+        } else {
+            assert!(c.pooled.is_none(), "{what}: unexpected pooled output");
+        }
+    }
+}
+
 fn check_loop(engine: &mut CpuEngine, fam: Family, short: &str, sampler: &str) {
     let f = fixture(&format!("{}_loop_{short}.safetensors", fam.as_str()));
     let meta = &f.header().metadata;
@@ -147,6 +251,9 @@ fn sd1_matches_diffusers() {
     check_unet(&ck, "sd1");
     check_text(&ck, Family::Sd1);
     drop(ck);
+    let ck = checkpoint::load(&a1111_variant(dir.path(), Family::Sd1)).expect("load");
+    check_a1111_text(&ck, Family::Sd1);
+    drop(ck);
     let mut e = CpuEngine::new();
     e.load_checkpoint(&tiny(dir.path(), Family::Sd1, false))
         .expect("load");
@@ -170,6 +277,9 @@ fn sd2_matches_diffusers() {
     check_unet(&ck, "sd2");
     check_text(&ck, Family::Sd2);
     drop(ck);
+    let ck = checkpoint::load(&a1111_variant(dir.path(), Family::Sd2)).expect("load");
+    check_a1111_text(&ck, Family::Sd2);
+    drop(ck);
     let mut e = CpuEngine::new();
     e.load_checkpoint(&tiny(dir.path(), Family::Sd2, false))
         .expect("load");
@@ -182,6 +292,9 @@ fn sdxl_matches_diffusers() {
     let ck = load(dir.path(), Family::Sdxl, false);
     check_unet(&ck, "sdxl");
     check_text(&ck, Family::Sdxl);
+    drop(ck);
+    let ck = checkpoint::load(&a1111_variant(dir.path(), Family::Sdxl)).expect("load");
+    check_a1111_text(&ck, Family::Sdxl);
     drop(ck);
     let mut e = CpuEngine::new();
     e.load_checkpoint(&tiny(dir.path(), Family::Sdxl, false))
