@@ -263,11 +263,17 @@ fn sd1_matches_diffusers() {
 }
 
 #[test]
-fn sd1_inpaint_unet_matches_diffusers() {
+fn inpaint_unets_of_every_family_match_diffusers() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ck = load(dir.path(), Family::Sd1, true);
-    assert!(ck.info.inpaint);
-    check_unet(&ck, "sd1inp");
+    for (fam, tag) in [
+        (Family::Sd1, "sd1inp"),
+        (Family::Sd2, "sd2inp"),
+        (Family::Sdxl, "sdxlinp"),
+    ] {
+        let ck = load(dir.path(), fam, true);
+        assert!(ck.info.inpaint, "{tag}");
+        check_unet(&ck, tag);
+    }
 }
 
 #[test]
