@@ -460,3 +460,50 @@ async fn graceful_stop_does_not_wait_for_open_event_streams() {
         "stop returned while a client was still connected"
     );
 }
+
+/// The browser UI at `/` is served without a key (it asks for one and sends it on every call); the
+/// status JSON at the same path, and everything the page calls, still need the key.
+#[tokio::test]
+async fn web_ui_page_is_public_and_self_contained_but_its_data_is_not() {
+    let s = keyed().await;
+    let page = s
+        .client
+        .get(s.url("/"))
+        .header("Accept", "text/html,application/xhtml+xml")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let html = page.text().await.unwrap();
+    assert!(html.contains("<title>SD-Host</title>") && html.contains("X-API-Key"));
+    assert!(!html.contains("http://") && !html.contains("https://"));
+    let json = s
+        .client
+        .get(s.url("/"))
+        .header("Accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json.status(), 401);
+    for path in [
+        "/api/v1/models?type=checkpoint",
+        "/sdapi/v1/samplers",
+        "/api/v1/images",
+    ] {
+        assert_eq!(s.get(path).await.status(), 401, "{path}");
+        let ok = s
+            .client
+            .get(s.url(path))
+            .header("X-API-Key", KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), 200, "{path}");
+    }
+    let post = s.client.post(s.url("/")).send().await.unwrap();
+    assert_ne!(post.status(), 200, "only GET / is public");
+}

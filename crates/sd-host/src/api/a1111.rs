@@ -5,8 +5,8 @@
 use std::sync::Mutex;
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap};
-use axum::response::{Html, IntoResponse, Response};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
 use futures::StreamExt;
@@ -1397,21 +1397,13 @@ not_implemented!(
 // ---------------------------------------------------------------------------------------------------
 // `GET /`
 
-/// With `Accept: application/json`: a status JSON (what Draw Things answers there); otherwise a small
-/// page pointing to the API docs.
+/// With `Accept: application/json`: a status JSON (what Draw Things answers there); otherwise the
+/// browser UI.
 #[utoipa::path(get, path = "/", tag = "a1111",
     responses((status = 200, description = "status JSON, or HTML for a browser")))]
 async fn root_status(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
-    let wants_json = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("application/json"));
-    if !wants_json {
-        return Ok(Html(
-            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>SD-Host</title></head>\
-             <body><h1>SD-Host</h1><p>API documentation: <a href=\"/docs\">/docs</a></p></body></html>",
-        )
-        .into_response());
+    if crate::api::web::wants_page(&axum::http::Method::GET, &headers) {
+        return Ok(crate::api::web::index().into_response());
     }
     let es = state.engine.state();
     let current = current_checkpoint(&state).await?;

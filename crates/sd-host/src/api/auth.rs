@@ -92,6 +92,10 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
     if state.key_digests.is_empty() || PUBLIC_PATHS.contains(&req.uri().path()) {
         return next.run(req).await;
     }
+    // The browser UI page is public (it asks for the key); the status JSON at `/` is not.
+    if req.uri().path() == "/" && crate::api::web::wants_page(req.method(), req.headers()) {
+        return next.run(req).await;
+    }
     if req.method() == Method::OPTIONS {
         // CORS preflight carries no credentials; the CORS layer answers it.
         return next.run(req).await;

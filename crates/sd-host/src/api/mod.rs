@@ -11,6 +11,7 @@ pub mod pipeline;
 pub mod queue;
 pub mod system;
 pub mod tasks;
+pub mod web;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, HeaderValue, Method};
