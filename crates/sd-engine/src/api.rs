@@ -214,4 +214,16 @@ pub trait Backend: Send {
     /// Replace the textual-inversion embeddings the prompt can use by name. Kept across
     /// checkpoint loads; each generation uses those that fit the loaded checkpoint.
     fn set_embeddings(&mut self, embeddings: &[EmbeddingSpec]) -> Result<EmbeddingReport>;
+    /// Decode with the standalone VAE file at `path` instead of the checkpoint's own (`None`:
+    /// back to the checkpoint's). A checkpoint load always starts with its own VAE.
+    fn set_vae(&mut self, path: Option<&Path>) -> Result<()> {
+        let _ = path;
+        Err(crate::EngineError::InvalidParam(
+            "this engine cannot swap VAEs".into(),
+        ))
+    }
+    /// The standalone VAE in use, if any.
+    fn vae(&self) -> Option<&Path> {
+        None
+    }
 }

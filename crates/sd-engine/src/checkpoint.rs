@@ -191,6 +191,31 @@ impl Checkpoint {
         self.source.clone()
     }
 
+    /// Puts back the checkpoint's own VAE (after [`load_vae`] replaced it), read again from the
+    /// mapped file. Fails for diffusers folders, which keep no mapped source.
+    pub fn restore_vae(&mut self) -> Result<()> {
+        let file = self.source.clone().ok_or_else(|| {
+            EngineError::InvalidParam("this checkpoint cannot restore its VAE in place".into())
+        })?;
+        let cfg = VaeConfig::detect(file.header(), VAE_PREFIX)?;
+        self.vae = Vae::load(file.var_builder().pp(pp_name(VAE_PREFIX)), &cfg)?;
+        Ok(())
+    }
+
+    /// Swaps in `vae` (from [`load_vae`]) if its latent space fits this checkpoint's UNet.
+    pub fn replace_vae(&mut self, vae: Vae) -> Result<()> {
+        let (want, got) = (self.vae.config().z_channels, vae.config().z_channels);
+        if want != got || vae.downscale() != self.vae.downscale() {
+            return Err(EngineError::InvalidParam(format!(
+                "the VAE has {got} latent channels at 1/{} scale; this checkpoint needs {want} at 1/{}",
+                vae.downscale(),
+                self.vae.downscale()
+            )));
+        }
+        self.vae = vae;
+        Ok(())
+    }
+
     /// Re-materialise the UNet and/or the text encoders from `vb`, which must serve the
     /// checkpoint's own key layout (e.g. the pristine file with LoRA deltas added). Each old
     /// network is dropped before its replacement is built, so peak memory stays at one copy;
@@ -286,6 +311,41 @@ fn probe_v_prediction(unet: &UNet) -> Result<bool> {
     let out = unet.forward(&x, &t, &context, None)?;
     let mean = (out - &x)?.mean_all()?.to_scalar::<f32>()?;
     Ok(mean < -1.0)
+}
+
+/// Loads a standalone VAE file (A1111's `sd_vae`): the single-file (LDM) names, bare
+/// (`encoder.*`, `decoder.*`, `quant_conv.*`) or under `first_stage_model.`.
+pub fn load_vae(path: &Path) -> Result<Vae> {
+    let file = safetensors_file::open(path)?;
+    let header = file.header();
+    let prefix = if header.contains("encoder.conv_in.weight") {
+        ""
+    } else if header.contains(&format!("{VAE_PREFIX}encoder.conv_in.weight")) {
+        VAE_PREFIX
+    } else {
+        return Err(EngineError::UnknownModel(format!(
+            "{} is not a VAE (no encoder.conv_in.weight)",
+            path.display()
+        )));
+    };
+    if header
+        .tensors
+        .keys()
+        .any(|k| k.starts_with(&format!("{prefix}encoder.down_blocks.")))
+    {
+        return Err(EngineError::UnknownModel(format!(
+            "{} is a diffusers-layout VAE; use the single-file (.safetensors with encoder.down.*) version",
+            path.display()
+        )));
+    }
+    let cfg = VaeConfig::detect(header, prefix)?;
+    let vb = file.var_builder();
+    let vb = if prefix.is_empty() {
+        vb
+    } else {
+        vb.pp(pp_name(prefix))
+    };
+    Vae::load(vb, &cfg)
 }
 
 /// Load a diffusers folder through its LDM-named view. LoRA needs the single-file layout

@@ -32,6 +32,8 @@ pub struct CpuEngine {
     unreadable: Vec<(String, String)>,
     /// Trigger tokens of the embeddings installed in the loaded checkpoint's text encoders.
     vocab: EmbeddingVocab,
+    /// The standalone VAE decoding instead of the checkpoint's own.
+    vae: Option<PathBuf>,
 }
 
 impl Default for CpuEngine {
@@ -50,6 +52,7 @@ impl CpuEngine {
             embeddings: Vec::new(),
             unreadable: Vec::new(),
             vocab: EmbeddingVocab::default(),
+            vae: None,
         }
     }
 
@@ -484,6 +487,7 @@ impl Backend for CpuEngine {
         // Free the old model first so two are never resident together.
         self.ckpt = None;
         self.path = None;
+        self.vae = None;
         self.loras.reset();
         let ck = checkpoint::load(path)?;
         let info = ck.info.clone();
@@ -497,6 +501,7 @@ impl Backend for CpuEngine {
         crate::models::ops::release_scratch();
         self.ckpt = None;
         self.path = None;
+        self.vae = None;
         self.loras.reset();
         self.vocab = EmbeddingVocab::default();
     }
@@ -522,6 +527,7 @@ impl Backend for CpuEngine {
             // A failed rebuild consumed the model: reload it pristine (no LoRA).
             if let Some(path) = self.path.clone() {
                 self.loras.reset();
+                self.vae = None;
                 match checkpoint::load(&path) {
                     Ok(ck) => self.ckpt = Some(ck),
                     Err(_) => self.path = None,
@@ -533,6 +539,28 @@ impl Backend for CpuEngine {
             self.install_embeddings()?;
         }
         result
+    }
+
+    fn set_vae(&mut self, path: Option<&Path>) -> Result<()> {
+        if self.vae.as_deref() == path {
+            return Ok(());
+        }
+        let ck = self.ckpt.as_mut().ok_or(EngineError::NoCheckpoint)?;
+        match path {
+            Some(p) => {
+                ck.replace_vae(checkpoint::load_vae(p)?)?;
+                self.vae = Some(p.to_path_buf());
+            }
+            None => {
+                ck.restore_vae()?;
+                self.vae = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn vae(&self) -> Option<&Path> {
+        self.vae.as_deref()
     }
 
     fn set_embeddings(&mut self, embeddings: &[EmbeddingSpec]) -> Result<EmbeddingReport> {
@@ -692,6 +720,43 @@ mod tests {
             e.generate(&p, &mut |_| Control::Continue),
             Err(EngineError::NoCheckpoint)
         ));
+    }
+
+    #[test]
+    fn a_standalone_vae_decodes_instead_and_switching_back_is_exact() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut e = engine(Family::Sd1, false, dir.path());
+        let p = params(32, 32);
+        let own = e.generate(&p, &mut |_| Control::Continue).expect("own vae");
+        let vae = dir.path().join("vae.safetensors");
+        crate::tiny::write_tiny_vae(Family::Sd1, 77, &vae).expect("write vae");
+        e.set_vae(Some(&vae)).expect("set vae");
+        assert_eq!(e.vae(), Some(vae.as_path()));
+        let other = e
+            .generate(&p, &mut |_| Control::Continue)
+            .expect("other vae");
+        assert_ne!(other, own, "the other VAE decoded");
+        e.set_vae(None).expect("back");
+        assert_eq!(e.vae(), None);
+        let back = e
+            .generate(&p, &mut |_| Control::Continue)
+            .expect("own again");
+        assert_eq!(back, own, "the checkpoint's own VAE, bit for bit");
+        // Not a VAE: refused, the model keeps working.
+        let not_vae = dir.path().join("lora.safetensors");
+        let ckpt = dir.path().join("sd1-false.safetensors");
+        crate::tiny::write_tiny_lora(&ckpt, crate::lora::LoraKind::Lora, 1, &not_vae)
+            .expect("lora");
+        assert!(e.set_vae(Some(&not_vae)).is_err());
+        assert_eq!(e.vae(), None);
+        // An SDXL VAE file fits an SD 1.x model's latent space (same architecture).
+        let xl_vae = dir.path().join("xl_vae.safetensors");
+        crate::tiny::write_tiny_vae(Family::Sdxl, 3, &xl_vae).expect("write");
+        e.set_vae(Some(&xl_vae)).expect("fits");
+        // A load starts from the checkpoint's own VAE again.
+        e.load_checkpoint(&ckpt).expect("reload");
+        assert_eq!(e.vae(), None);
+        assert_eq!(e.generate(&p, &mut |_| Control::Continue).expect("g"), own);
     }
 
     #[test]

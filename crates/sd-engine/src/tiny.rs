@@ -470,6 +470,37 @@ pub fn write_tiny_checkpoint_as(
     write_checkpoint_from_spec(&spec, seed, dtype, path)
 }
 
+/// Write a standalone VAE file (bare LDM names, as Civitai VAEs ship) with the tiny widths of the
+/// family's checkpoint, random weights from `seed`.
+pub fn write_tiny_vae(family: Family, seed: u64, path: &Path) -> Result<()> {
+    let prefix = crate::detect::VAE_PREFIX;
+    let mut tensors = Vec::new();
+    for p in TinySpec::new(family, false).params() {
+        let Some(name) = p.name.strip_prefix(prefix) else {
+            continue;
+        };
+        let n: usize = p.shape.iter().product();
+        let values = match p.init {
+            Init::One => vec![1.0; n],
+            Init::Zero => vec![0.0; n],
+            Init::Const(c) => vec![c; n],
+            Init::Normal | Init::Arange => random_values(seed ^ name_hash(&p.name), n),
+        };
+        tensors.push((
+            name.to_string(),
+            Dtype::F16,
+            p.shape,
+            encode(&values, Dtype::F16),
+        ));
+    }
+    let mut meta = BTreeMap::new();
+    meta.insert(
+        "sd_engine.tiny_vae".to_string(),
+        family.as_str().to_string(),
+    );
+    write_atomic(path, &serialize(&tensors, &meta)?)
+}
+
 /// Write a random-weight single-file checkpoint of any widths (tiny ones for tests, the full SD
 /// 1.5 / 2.x / SDXL ones to time loading a real-size file).
 pub fn write_checkpoint_from_spec(
