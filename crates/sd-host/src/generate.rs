@@ -264,6 +264,7 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         output_format: "png".into(),
         loras,
         clip_skip: a.clip_skip,
+        vae: None,
         init_image: None,
         mask: None,
         metadata: Default::default(),

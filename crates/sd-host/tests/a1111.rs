@@ -910,3 +910,85 @@ async fn library_embeddings_work_by_name_in_prompts() {
         "the embedding's vectors, not the plain words, conditioned the first images"
     );
 }
+
+/// A VAE file in the library decodes instead of the checkpoint's own when `sd_vae` names it (per
+/// request or as the stored option) or a native task gives its sha256; "Automatic" goes back to
+/// the checkpoint's own VAE exactly. The infotext records it as A1111 does.
+#[tokio::test]
+async fn sd_vae_selects_a_library_vae_and_automatic_restores_the_own_one() {
+    let dir = data_dir();
+    sd_engine::tiny::write_tiny_vae(
+        sd_engine::Family::Sd1,
+        21,
+        &dir.path().join("data/models/tiny_vae.safetensors"),
+    )
+    .expect("vae");
+    let s = TestServer::start_in(dir, |_| {}).await;
+    let vae = model(&s, "tiny_vae.safetensors").await;
+    assert_eq!(vae.model_type, "vae");
+    let (_, list) = s.get_json("/sdapi/v1/sd-vae").await;
+    assert_eq!(list[0]["filename"], "tiny_vae.safetensors", "{list}");
+    s.post_json(
+        "/sdapi/v1/options",
+        &json!({"sd_model_checkpoint": "tiny1"}),
+    )
+    .await;
+    let txt2img = |extra: Value| async {
+        let (st, r) = s.post_json("/sdapi/v1/txt2img", &t2i(extra)).await;
+        assert_eq!(st, 200, "{r}");
+        r
+    };
+    let own = txt2img(json!({})).await;
+    let with = txt2img(json!({"override_settings": {"sd_vae": "tiny_vae.safetensors"}})).await;
+    assert!(
+        with["images"][0] != own["images"][0],
+        "the library VAE decoded"
+    );
+    let i = info(&with);
+    assert_eq!(i["sd_vae_name"], "tiny_vae.safetensors");
+    assert_eq!(i["sd_vae_hash"], &vae.sha256[..10]);
+    let infotext = i["infotexts"][0].as_str().expect("infotext");
+    assert!(
+        infotext.contains(&format!(
+            "VAE hash: {}, VAE: tiny_vae.safetensors",
+            &vae.sha256[..10]
+        )),
+        "{infotext}"
+    );
+    let back = txt2img(json!({"override_settings": {"sd_vae": "Automatic"}})).await;
+    assert_eq!(back["images"], own["images"], "own VAE again, bit for bit");
+    assert!(info(&back)["sd_vae_name"].is_null());
+
+    // As a stored option, and through the native API by sha256.
+    s.post_json("/sdapi/v1/options", &json!({"sd_vae": "tiny_vae"}))
+        .await;
+    let (_, o) = s.get_json("/sdapi/v1/options").await;
+    assert_eq!(o["sd_vae"], "tiny_vae");
+    let opt = txt2img(json!({})).await;
+    assert_eq!(opt["images"], with["images"]);
+    s.post_json("/sdapi/v1/options", &json!({"sd_vae": "Automatic"}))
+        .await;
+    let (st, r) = s
+        .post_json(
+            "/api/v1/tasks",
+            &json!({"prompt": "a red cat", "width": 64, "height": 64, "num_inference_steps": 2,
+                    "vae": vae.sha256}),
+        )
+        .await;
+    assert_eq!(st, 202, "{r}");
+    let ckpt = model(&s, "tiny1.safetensors").await;
+    let (st, r) = s
+        .post_json(
+            "/api/v1/tasks",
+            &json!({"prompt": "x", "width": 64, "height": 64, "vae": ckpt.sha256}),
+        )
+        .await;
+    assert_eq!(st, 422, "a checkpoint is not a VAE: {r}");
+    let (st, r) = s
+        .post_json(
+            "/sdapi/v1/txt2img",
+            &t2i(json!({"override_settings": {"sd_vae": "missing.safetensors"}})),
+        )
+        .await;
+    assert_eq!(st, 422, "{r}");
+}

@@ -201,6 +201,22 @@ async fn resolve_checkpoint(state: &AppState, s: &str) -> ApiResult<Option<Model
     Ok(None)
 }
 
+/// A1111's `sd_vae`: "Automatic" / "None" (the checkpoint's own) or a VAE file by file name,
+/// name or hash. `Err(())` when it names no VAE in the library.
+async fn resolve_vae(state: &AppState, s: &str) -> ApiResult<Result<Option<String>, ()>> {
+    let s = s.trim();
+    if s.is_empty() || s.eq_ignore_ascii_case("automatic") || s.eq_ignore_ascii_case("none") {
+        return Ok(Ok(None));
+    }
+    if s.len() > 256 {
+        return Ok(Err(()));
+    }
+    Ok(match find_model(state, s, "vae").await? {
+        Some(m) if m.model_type == "vae" && m.status == "ready" => Ok(Some(m.sha256)),
+        _ => Err(()),
+    })
+}
+
 /// A1111's checkpoint title.
 fn title(m: &ModelRecord) -> String {
     format!("{} [{}]", m.filename, m.short_hash)
@@ -362,6 +378,26 @@ async fn plan(state: &AppState, r: &A1111Request, img2img: bool) -> ApiResult<Pl
     let clip_skip = clip_skip_from(overrides.get("CLIP_stop_at_last_layers"))
         .or_else(|| clip_skip_from(options.get("CLIP_stop_at_last_layers")));
 
+    // sd_vae: a per-request override must name a VAE we have; a stored option that no longer
+    // does falls back to the checkpoint's own VAE, as A1111 does.
+    let vae = match overrides.get("sd_vae").and_then(Value::as_str) {
+        Some(s) => resolve_vae(state, s).await?.unwrap_or_else(|()| {
+            a1111_field(
+                &mut e,
+                "override_settings.sd_vae",
+                format!("no VAE {s:?}; see GET /sdapi/v1/sd-vae"),
+            );
+            None
+        }),
+        None => match options.get("sd_vae").and_then(Value::as_str) {
+            Some(s) => resolve_vae(state, s).await?.unwrap_or_else(|()| {
+                tracing::warn!(sd_vae = %s, "the sd_vae option names no VAE; using the checkpoint's own");
+                None
+            }),
+            None => None,
+        },
+    };
+
     let mut restore_model_after = None;
     let model = match overrides.get("sd_model_checkpoint") {
         Some(Value::String(s)) if !s.trim().is_empty() => match resolve_checkpoint(state, s).await?
@@ -463,6 +499,7 @@ async fn plan(state: &AppState, r: &A1111Request, img2img: bool) -> ApiResult<Pl
         callback_url: None,
         loras: vec![],
         clip_skip,
+        vae,
         priority: 0,
         metadata: Map::new(),
     };
@@ -709,8 +746,8 @@ async fn info_json(
         "face_restoration_model": null,
         "sd_model_name": model.as_ref().map(|m| m.name.clone()).or_else(|| p.get("model_name").and_then(Value::as_str).map(str::to_string)),
         "sd_model_hash": model.as_ref().map(|m| m.short_hash.clone()),
-        "sd_vae_name": null,
-        "sd_vae_hash": null,
+        "sd_vae_name": p.pointer("/vae/name"),
+        "sd_vae_hash": p.pointer("/vae/sha256").and_then(Value::as_str).map(|h| &h[..h.len().min(10)]),
         "seed_resize_from_w": r.seed_resize_from_w.unwrap_or(-1),
         "seed_resize_from_h": r.seed_resize_from_h.unwrap_or(-1),
         "denoising_strength": p.get("strength"),

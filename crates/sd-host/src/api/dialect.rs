@@ -515,6 +515,11 @@ pub fn schema(
         "clip_skip",
         json!({"type": "integer", "minimum": 1, "maximum": 12, "default": 1}),
     );
+    put(
+        "vae",
+        json!({"type": ["string", "null"], "pattern": "^[0-9a-f]{64}$", "default": null,
+               "description": "sha256 of a VAE in the library (null: the checkpoint's own)"}),
+    );
     put("priority", json!({"type": "integer", "default": 0}));
     put(
         "callback_url",

@@ -48,6 +48,8 @@ async fn status_json(state: &AppState) -> ApiResult<serde_json::Value> {
         "loras": es.loras.iter().map(|(sha, name, w)| json!({
             "sha256": sha, "name": name, "weight": w,
         })).collect::<Vec<_>>(),
+        // The standalone VAE decoding instead of the checkpoint's own (null: its own).
+        "vae": es.vae,
         "device": state.config.engine.device,
         "dtype": dtype,
         "memory": {"rss_bytes": rss_bytes()},

@@ -129,6 +129,16 @@ pub fn infotext(params: &Value) -> String {
     if !model_name.is_empty() {
         kv.push(("Model", model_name.to_string()));
     }
+    if let Some(vae) = params.get("vae").filter(|v| v.is_object()) {
+        let sha = text(vae, "sha256");
+        if sha.len() >= 10 {
+            kv.push(("VAE hash", sha[..10].to_ascii_lowercase()));
+        }
+        let name = text(vae, "name");
+        if !name.is_empty() {
+            kv.push(("VAE", name.to_string()));
+        }
+    }
     if let Some(strength) = params.get("strength").and_then(num) {
         kv.push(("Denoising strength", strength));
     }

@@ -478,6 +478,9 @@ impl QueueHandle {
         if let Err(msg) = self.sync_embeddings(state).await {
             return Outcome::Failed(msg);
         }
+        if let Err(msg) = ensure_vae(state, p.vae.as_ref().map(|v| v.sha256.as_str())).await {
+            return Outcome::Failed(msg);
+        }
         // Reading and resizing the inputs is blocking work.
         let (dir, params, every) = (
             state.inputs_dir(),
@@ -575,6 +578,35 @@ fn preview_jpeg(img: &sd_engine::RgbImage) -> Option<Vec<u8>> {
 }
 
 /// Loads `sha256` unless it is already resident.
+/// Makes the engine decode with the VAE `sha256` (`None`: the checkpoint's own), if it does not.
+pub async fn ensure_vae(state: &AppState, sha256: Option<&str>) -> Result<(), String> {
+    if state.engine.state().vae.as_deref() == sha256 {
+        return Ok(());
+    }
+    let vae = match sha256 {
+        None => None,
+        Some(sha) => {
+            let m = state
+                .repo
+                .get_model(sha)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("VAE {sha} is not in the library"))?;
+            let path = m
+                .path
+                .clone()
+                .filter(|_| m.status == "ready")
+                .ok_or_else(|| format!("VAE {} is not ready ({})", m.name, m.status))?;
+            Some((sha.to_string(), std::path::PathBuf::from(path)))
+        }
+    };
+    state
+        .engine
+        .set_vae(vae)
+        .await
+        .map_err(|e| format!("loading the VAE failed: {e}"))
+}
+
 pub async fn ensure_checkpoint(
     state: &AppState,
     engine: &EngineHandle,

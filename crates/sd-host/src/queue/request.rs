@@ -53,6 +53,8 @@ pub struct TaskRequest {
     #[serde(default)]
     pub loras: Vec<LoraRef>,
     pub clip_skip: Option<u32>,
+    /// A VAE from the library (sha256) to decode with instead of the checkpoint's own.
+    pub vae: Option<String>,
     #[serde(default)]
     pub priority: i64,
     /// Attributes attached to every output image.
@@ -66,6 +68,12 @@ pub struct ResolvedLora {
     pub sha256: String,
     pub name: String,
     pub weight: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ResolvedVae {
+    pub sha256: String,
+    pub name: String,
 }
 
 /// What a task runs with, everything resolved (stored as the task's `params`).
@@ -93,6 +101,10 @@ pub struct TaskParams {
     pub output_format: String,
     pub loras: Vec<ResolvedLora>,
     pub clip_skip: u32,
+    /// The standalone VAE decoding instead of the checkpoint's own (`name` is the file name, as
+    /// A1111's infotext records it).
+    #[serde(default)]
+    pub vae: Option<ResolvedVae>,
     /// Stored source image and mask (sha256 of the uploaded bytes, under `<data_dir>/inputs`).
     pub init_image: Option<String>,
     pub mask: Option<String>,
@@ -212,9 +224,11 @@ pub fn validate_shape(r: &TaskRequest, l: &LimitsConfig) -> Result<(), ApiError>
             e.add("seed", "must be ≥ 0 (or -1 for random)");
         }
     }
-    if let Some(m) = &r.model {
-        if !crate::api::extract::is_sha256_hex(m) {
-            e.add("model", "must be a SHA-256 (64 lowercase hex characters)");
+    for (field, v) in [("model", &r.model), ("vae", &r.vae)] {
+        if v.as_deref()
+            .is_some_and(|m| !crate::api::extract::is_sha256_hex(m))
+        {
+            e.add(field, "must be a SHA-256 (64 lowercase hex characters)");
         }
     }
     if r.init_image.is_some() && r.init_image_hash.is_some() {

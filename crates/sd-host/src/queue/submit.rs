@@ -122,6 +122,34 @@ impl QueueHandle {
             )));
         }
 
+        // VAE: a library model of type vae, decoding instead of the checkpoint's own.
+        let vae = match &req.vae {
+            None => None,
+            Some(sha) => {
+                let m = state
+                    .repo
+                    .get_model(sha)
+                    .await?
+                    .ok_or_else(|| field("vae", format!("no model {sha} in the library")))?;
+                if m.model_type != "vae" {
+                    return Err(field(
+                        "vae",
+                        format!("{} is a {}, not a VAE", m.name, m.model_type),
+                    ));
+                }
+                if m.status != "ready" {
+                    return Err(ApiError::Conflict(format!(
+                        "VAE {} is not ready yet ({})",
+                        m.name, m.status
+                    )));
+                }
+                Some(request::ResolvedVae {
+                    sha256: m.sha256,
+                    name: m.filename,
+                })
+            }
+        };
+
         // LoRAs: the request's list, then `<lora:name:weight>` tags from the prompt.
         let (stripped, tags) = sd_engine::text::prompt::extract_lora_tags(&req.prompt);
         if req.loras.len() + tags.len() > request::MAX_LORAS {
@@ -305,6 +333,7 @@ impl QueueHandle {
             .to_string(),
             loras: loras.clone(),
             clip_skip: req.clip_skip.unwrap_or(1),
+            vae,
             init_image: init_sha,
             mask: mask_sha,
             metadata: req.metadata.clone(),

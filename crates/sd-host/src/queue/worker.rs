@@ -76,6 +76,8 @@ pub struct EngineState {
     pub checkpoint: Option<LoadedCheckpoint>,
     /// (sha256, name, weight) of the applied LoRA set, in order.
     pub loras: Vec<(String, String, f32)>,
+    /// sha256 of the standalone VAE in use (`None`: the checkpoint's own).
+    pub vae: Option<String>,
     pub busy: bool,
 }
 
@@ -128,6 +130,11 @@ enum Cmd {
     SetLoras {
         specs: Vec<(String, LoraSpec)>,
         reply: oneshot::Sender<WorkerResult<LoraReport>>,
+    },
+    SetVae {
+        /// (sha256, file); `None`: back to the checkpoint's own VAE.
+        vae: Option<(String, PathBuf)>,
+        reply: oneshot::Sender<WorkerResult<()>>,
     },
     SetEmbeddings {
         specs: Vec<EmbeddingSpec>,
@@ -213,6 +220,11 @@ impl EngineHandle {
         self.call(|reply| Cmd::SetLoras { specs, reply }).await?
     }
 
+    /// Decodes with the VAE file `vae` (sha256, path) from now on; `None`: the checkpoint's own.
+    pub async fn set_vae(&self, vae: Option<(String, PathBuf)>) -> WorkerResult<()> {
+        self.call(|reply| Cmd::SetVae { vae, reply }).await?
+    }
+
     pub async fn set_embeddings(&self, specs: Vec<EmbeddingSpec>) -> WorkerResult<EmbeddingReport> {
         self.call(|reply| Cmd::SetEmbeddings { specs, reply })
             .await?
@@ -248,6 +260,7 @@ fn drop_model(engine: &mut dyn Backend, state: &watch::Sender<EngineState>) {
     state.send_modify(|s| {
         s.checkpoint = None;
         s.loras.clear();
+        s.vae = None;
     });
 }
 
@@ -270,6 +283,7 @@ fn run(
                     s.busy = true;
                     s.checkpoint = None;
                     s.loras.clear();
+                    s.vae = None;
                 });
                 let r = catch_unwind(AssertUnwindSafe(|| engine.load_checkpoint(&path)));
                 let r = match r {
@@ -309,6 +323,26 @@ fn run(
                                 .collect()
                         });
                         Ok(rep)
+                    }
+                    // A failed rebuild reloads the model pristine, with its own VAE.
+                    Ok(Err(e)) if engine.vae().is_none() => {
+                        state.send_modify(|s| s.vae = None);
+                        Err(WorkerError::Engine(e))
+                    }
+                    Ok(Err(e)) => Err(WorkerError::Engine(e)),
+                    Err(p) => {
+                        drop_model(engine.as_mut(), &state);
+                        Err(WorkerError::Panic(panic_text(p)))
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Cmd::SetVae { vae, reply } => {
+                let path = vae.as_ref().map(|(_, p)| p.as_path());
+                let r = match catch_unwind(AssertUnwindSafe(|| engine.set_vae(path))) {
+                    Ok(Ok(())) => {
+                        state.send_modify(|s| s.vae = vae.map(|(sha, _)| sha));
+                        Ok(())
                     }
                     Ok(Err(e)) => Err(WorkerError::Engine(e)),
                     Err(p) => {
