@@ -23,7 +23,7 @@ pub enum Command {
     /// Run the HTTP API, queue and engine worker.
     Serve(ServeArgs),
     /// Generate images from the command line (no server).
-    Generate(crate::generate::GenerateArgs),
+    Generate(Box<crate::generate::GenerateArgs>),
     /// Manage the model library.
     Models {
         #[arg(long, env = "SDHOST_CONFIG")]
@@ -105,7 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             runtime()?.block_on(crate::server::serve(config, a.insecure_no_auth))
         }
-        Command::Generate(a) => crate::generate::generate(a),
+        Command::Generate(a) => crate::generate::generate(*a),
         Command::Models {
             config,
             data_dir,

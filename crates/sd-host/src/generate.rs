@@ -49,6 +49,9 @@ pub struct GenerateArgs {
     /// `PATH_OR_SHA:WEIGHT`, repeatable.
     #[arg(long = "lora")]
     pub loras: Vec<String>,
+    /// A standalone VAE file (path or library sha256) to decode with instead of the checkpoint's.
+    #[arg(long)]
+    pub vae: Option<String>,
     #[arg(short = 'o', long = "output")]
     pub output: PathBuf,
 }
@@ -244,6 +247,18 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     if !specs.is_empty() {
         engine.set_loras(&specs)?;
     }
+    let vae = match &a.vae {
+        Some(v) => {
+            let (path, sha) = resolve_file(&config, v)?;
+            engine.set_vae(Some(&path))?;
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            Some(request::ResolvedVae { sha256: sha, name })
+        }
+        None => None,
+    };
     let seed = a.seed.unwrap_or_else(|| request::resolve_seed(None));
     let params = TaskParams {
         prompt: a.prompt.clone(),
@@ -264,7 +279,7 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         output_format: "png".into(),
         loras,
         clip_skip: a.clip_skip,
-        vae: None,
+        vae,
         init_image: None,
         mask: None,
         metadata: Default::default(),

@@ -266,6 +266,33 @@ fn img2img_inpaint_and_lora_run_from_the_cli() {
         "a LoRA at weight 1 changes the image"
     );
     assert_eq!(px("lora0.png"), px("plain.png"), "weight 0 is no LoRA");
+
+    // A standalone VAE decodes instead of the checkpoint's and is named in the infotext.
+    sd_engine::tiny::write_tiny_vae(sd_engine::Family::Sd1, 8, &d.join("v.safetensors"))
+        .expect("vae");
+    let args = with(&[
+        "--model",
+        "m.safetensors",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--vae",
+        "v.safetensors",
+        "-o",
+        "vae.png",
+    ]);
+    ok(&sd_host(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        d,
+    ));
+    assert_ne!(px("vae.png"), px("plain.png"), "the other VAE decoded");
+    let png = std::fs::read(d.join("vae.png")).expect("read");
+    let text = String::from_utf8_lossy(&png);
+    assert!(
+        text.contains("VAE: v.safetensors"),
+        "infotext names the VAE"
+    );
 }
 
 #[test]
