@@ -577,7 +577,26 @@ fn preview_jpeg(img: &sd_engine::RgbImage) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Loads `sha256` unless it is already resident.
+/// The library record of `sha256` and its file, if the model is ready; `what` names it in errors.
+async fn ready_file(
+    state: &AppState,
+    sha256: &str,
+    what: &str,
+) -> Result<(crate::db::ModelRecord, std::path::PathBuf), String> {
+    let m = state
+        .repo
+        .get_model(sha256)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{what} {sha256} is not in the library"))?;
+    let path = m
+        .path
+        .clone()
+        .filter(|_| m.status == "ready")
+        .ok_or_else(|| format!("{what} {} is not ready ({})", m.name, m.status))?;
+    Ok((m, path.into()))
+}
+
 /// Makes the engine decode with the VAE `sha256` (`None`: the checkpoint's own), if it does not.
 pub async fn ensure_vae(state: &AppState, sha256: Option<&str>) -> Result<(), String> {
     if state.engine.state().vae.as_deref() == sha256 {
@@ -585,20 +604,7 @@ pub async fn ensure_vae(state: &AppState, sha256: Option<&str>) -> Result<(), St
     }
     let vae = match sha256 {
         None => None,
-        Some(sha) => {
-            let m = state
-                .repo
-                .get_model(sha)
-                .await
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("VAE {sha} is not in the library"))?;
-            let path = m
-                .path
-                .clone()
-                .filter(|_| m.status == "ready")
-                .ok_or_else(|| format!("VAE {} is not ready ({})", m.name, m.status))?;
-            Some((sha.to_string(), std::path::PathBuf::from(path)))
-        }
+        Some(sha) => Some((sha.to_string(), ready_file(state, sha, "VAE").await?.1)),
     };
     state
         .engine
@@ -607,6 +613,7 @@ pub async fn ensure_vae(state: &AppState, sha256: Option<&str>) -> Result<(), St
         .map_err(|e| format!("loading the VAE failed: {e}"))
 }
 
+/// Loads `sha256` unless it is already resident.
 pub async fn ensure_checkpoint(
     state: &AppState,
     engine: &EngineHandle,
@@ -620,19 +627,9 @@ pub async fn ensure_checkpoint(
     {
         return Ok(());
     }
-    let model = state
-        .repo
-        .get_model(sha256)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("model {sha256} is not in the library"))?;
-    let path = model
-        .path
-        .clone()
-        .filter(|_| model.status == "ready")
-        .ok_or_else(|| format!("model {} is not ready ({})", model.name, model.status))?;
+    let (model, path) = ready_file(state, sha256, "model").await?;
     engine
-        .load(path.into(), sha256, &model.name)
+        .load(path, sha256, &model.name)
         .await
         .map(|_| ())
         .map_err(|e| format!("loading checkpoint {} failed: {e}", model.name))?;
@@ -646,19 +643,11 @@ pub async fn ensure_checkpoint(
 pub async fn apply_loras(state: &AppState, loras: &[request::ResolvedLora]) -> Result<(), String> {
     let mut specs = Vec::new();
     for l in loras {
-        let m = state
-            .repo
-            .get_model(&l.sha256)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("LoRA {} is not in the library", l.sha256))?;
-        let path = m
-            .path
-            .ok_or_else(|| format!("LoRA {} has no file", m.name))?;
+        let (_, path) = ready_file(state, &l.sha256, "LoRA").await?;
         specs.push((
             l.sha256.clone(),
             sd_engine::LoraSpec {
-                path: path.into(),
+                path,
                 weight: l.weight,
                 name: l.name.clone(),
             },
