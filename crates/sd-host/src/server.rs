@@ -140,27 +140,31 @@ fn spawn_sweeper(state: &AppState, period: std::time::Duration) {
 
 /// `sd-host serve`: run until SIGINT/SIGTERM, then shut down gracefully.
 pub async fn serve(config: Config, insecure_no_auth: bool) -> anyhow::Result<()> {
+    // Handlers go in before the address is printed, so a SIGTERM/SIGINT sent as soon as the server
+    // answers still stops it gracefully instead of killing it.
+    let stop = shutdown_signal()?;
     let server = start(config, insecure_no_auth).await?;
     println!("sd-host listening on http://{}", server.addr);
-    shutdown_signal().await;
+    stop.await;
     tracing::info!("shutting down");
     server.stop().await
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// A future that resolves on SIGINT or SIGTERM (Ctrl-C elsewhere); the handlers are installed
+/// when this is called, not when it is first polled.
+#[cfg(unix)]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
         let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    })
 }
