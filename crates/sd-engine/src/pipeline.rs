@@ -546,6 +546,12 @@ impl Backend for CpuEngine {
             return Ok(());
         }
         let ck = self.ckpt.as_mut().ok_or(EngineError::NoCheckpoint)?;
+        if path.is_some() && ck.source().is_none() {
+            // Its own VAE could not be read back afterwards.
+            return Err(EngineError::InvalidParam(
+                "a separate VAE needs a single-file checkpoint (not a diffusers folder)".into(),
+            ));
+        }
         match path {
             Some(p) => {
                 ck.replace_vae(checkpoint::load_vae(p)?)?;

@@ -126,6 +126,15 @@ fn folder_matches_single_file() {
             );
         }
         eprintln!("{fam:?}: folder and single file agree");
+
+        // A separate VAE is refused on a folder (its own could not be read back afterwards).
+        let vae = dir.path().join(format!("{}_vae.safetensors", fam.as_str()));
+        sd_engine::tiny::write_tiny_vae(fam, 3, &vae).expect("vae");
+        let mut e = CpuEngine::new();
+        e.load_checkpoint(&folder).expect("load");
+        assert!(e.set_vae(Some(&vae)).is_err());
+        assert!(e.vae().is_none());
+        assert!(e.set_vae(None).is_ok(), "its own VAE is already in use");
     }
 }
 

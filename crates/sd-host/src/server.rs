@@ -104,7 +104,7 @@ async fn startup(state: &AppState) -> anyhow::Result<()> {
     if resumed > 0 {
         tracing::info!(resumed, "resuming interrupted model downloads");
     }
-    state.queue.start(state.clone());
+    // Before the dispatcher starts, so a task finishing right away is not sent twice.
     let owed = crate::queue::resend_due_callbacks(state).await?;
     if owed > 0 {
         tracing::info!(
@@ -112,6 +112,7 @@ async fn startup(state: &AppState) -> anyhow::Result<()> {
             "resending result callbacks owed before the last stop"
         );
     }
+    state.queue.start(state.clone());
     spawn_sweeper(state, std::time::Duration::from_secs(3600));
     Ok(())
 }

@@ -479,7 +479,9 @@ async fn web_ui_page_is_public_and_self_contained_but_its_data_is_not() {
         .unwrap()
         .starts_with("text/html"));
     let html = page.text().await.unwrap();
-    assert!(html.contains("<title>SD-Host</title>") && html.contains("X-API-Key"));
+    assert!(
+        html.contains("<title>SD-Host</title>") && html.contains("\"Bearer \" + keyInput.value")
+    );
     assert!(!html.contains("http://") && !html.contains("https://"));
     let json = s
         .client

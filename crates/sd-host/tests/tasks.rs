@@ -1670,3 +1670,54 @@ async fn an_engine_panic_fails_the_task_and_the_queue_goes_on() {
         "the model was dropped after the panic and loaded again"
     );
 }
+
+/// Force-deleting the model of a running task fails it once: one `failed` event and one callback,
+/// not a second pair when the interrupted run winds down.
+#[tokio::test]
+async fn force_deleting_a_running_tasks_model_sends_one_callback() {
+    let (cb, hits) = callback_receiver(200, None).await;
+    let s = server_with_models(&[1], |_| {}).await;
+    let m = checkpoints(&s).await;
+    let id = submit(
+        &s,
+        json!({"model": m[0], "callback_url": cb, "num_inference_steps": 150,
+               "width": 128, "height": 128, "num_images": 10}),
+    )
+    .await;
+    wait_status(&s, &id, &["processing"]).await;
+    let del = s
+        .client
+        .delete(s.url(&format!("/api/v1/models/{}?force=true", m[0])))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(del.status(), 200);
+    let t = wait_status(&s, &id, &["failed", "completed", "cancelled"]).await;
+    assert_eq!(t["status"], "failed", "{t}");
+    // The engine stops the run at its next step; give that path time to (not) speak.
+    for _ in 0..200 {
+        if s.server.state.queue.running().is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let got = callbacks_settled(&s, &hits, 1).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let after = hits.lock().expect("lock").clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(after.len(), 1, "exactly one callback: {after:?}");
+    assert_eq!(after[0]["status"], "failed");
+    let events = sse(
+        &s.client,
+        &s.url(&format!("/api/v1/tasks/{id}/events")),
+        None,
+        terminal,
+    )
+    .await;
+    let terminals: Vec<&str> = events
+        .iter()
+        .map(|e| e.1.as_str())
+        .filter(|e| terminal(e, &Value::Null))
+        .collect();
+    assert_eq!(terminals, ["failed"], "{events:?}");
+}

@@ -362,13 +362,22 @@ impl QueueHandle {
             Outcome::Cancelled => (TaskStatus::Cancelled, vec![], Some("cancelled".to_string())),
             Outcome::Failed(m) => (TaskStatus::Failed, vec![], Some(m.clone())),
         };
-        match state
+        let recorded = match state
             .repo
             .finish_task(&task.id, status, &images, error.as_deref())
             .await
         {
-            Ok(_) => {}
-            Err(e) => tracing::error!(task = %task.id, error = %e, "recording task result"),
+            Ok(recorded) => recorded,
+            Err(e) => {
+                tracing::error!(task = %task.id, error = %e, "recording task result");
+                true
+            }
+        };
+        if !recorded {
+            // Already finished elsewhere (a forced model delete failed it while it ran): that path
+            // published the terminal event and owes the callback, not this one.
+            self.publish_snapshot(state);
+            return;
         }
         let m = &state.metrics;
         match &outcome {

@@ -96,6 +96,10 @@ impl EngineState {
     }
 }
 
+/// Stands for "not known" in [`EngineState::loras`] after a failed LoRA change; no task's LoRA
+/// key contains it.
+const UNKNOWN_LORAS: &str = "unknown";
+
 /// `sha:weight` joined by commas; weight-0 entries change nothing and are left out.
 pub fn lora_key<'a>(loras: impl Iterator<Item = (&'a str, f32)>) -> String {
     loras
@@ -324,12 +328,18 @@ fn run(
                         });
                         Ok(rep)
                     }
-                    // A failed rebuild reloads the model pristine, with its own VAE.
-                    Ok(Err(e)) if engine.vae().is_none() => {
-                        state.send_modify(|s| s.vae = None);
+                    // A failed rebuild may leave any LoRA set (or, reloaded pristine, none and
+                    // the checkpoint's own VAE): record a set no task asks for, so the next task
+                    // applies its own.
+                    Ok(Err(e)) => {
+                        state.send_modify(|s| {
+                            s.loras = vec![(UNKNOWN_LORAS.into(), String::new(), 1.0)];
+                            if engine.vae().is_none() {
+                                s.vae = None;
+                            }
+                        });
                         Err(WorkerError::Engine(e))
                     }
-                    Ok(Err(e)) => Err(WorkerError::Engine(e)),
                     Err(p) => {
                         drop_model(engine.as_mut(), &state);
                         Err(WorkerError::Panic(panic_text(p)))
