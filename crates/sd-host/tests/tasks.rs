@@ -793,14 +793,7 @@ fn a_callback_cut_short_by_a_crash_is_sent_at_the_next_start() {
         assert_eq!(got.len(), 1, "sent again once after the restart: {got:?}");
         assert_eq!(got[0]["task_id"], id.as_str());
         assert_eq!(got[0]["status"], "completed");
-        assert!(s
-            .server
-            .state
-            .repo
-            .callbacks_due()
-            .await
-            .expect("db")
-            .is_empty());
+        assert!(no_callbacks_owed(&s).await);
     });
 }
 
@@ -1281,19 +1274,21 @@ async fn callback_receiver(
     (cb, hits)
 }
 
+async fn no_callbacks_owed(s: &TestServer) -> bool {
+    s.server
+        .state
+        .repo
+        .callbacks_due()
+        .await
+        .expect("db")
+        .is_empty()
+}
+
 /// Waits until `hits` holds at least `n` bodies and no callback is owed any more.
 async fn callbacks_settled(s: &TestServer, hits: &Arc<Mutex<Vec<Value>>>, n: usize) -> Vec<Value> {
     for _ in 0..300 {
         let got = hits.lock().expect("lock").len();
-        if got >= n
-            && s.server
-                .state
-                .repo
-                .callbacks_due()
-                .await
-                .expect("db")
-                .is_empty()
-        {
+        if got >= n && no_callbacks_owed(&s).await {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1403,14 +1398,7 @@ async fn a_callback_redirect_is_not_followed() {
         followed.lock().expect("lock").is_empty(),
         "the redirect was followed"
     );
-    assert!(s
-        .server
-        .state
-        .repo
-        .callbacks_due()
-        .await
-        .expect("db")
-        .is_empty());
+    assert!(no_callbacks_owed(&s).await);
 }
 
 #[tokio::test]

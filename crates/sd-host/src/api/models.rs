@@ -201,12 +201,14 @@ async fn delete_model(
     let reason = format!("model {} ({sha}) was deleted", m.name);
     let mut failed = Vec::new();
     for id in &active {
-        state.queue.cancel_running(Some(id));
-        if state
+        // Failed first, then stopped: the stopped run then finds its task finished and stays
+        // silent, instead of racing to record it as cancelled.
+        let failed_now = state
             .repo
             .finish_task(id, TaskStatus::Failed, &[], Some(&reason))
-            .await?
-        {
+            .await?;
+        state.queue.cancel_running(Some(id));
+        if failed_now {
             state.events.publish(
                 &crate::queue::task_topic(id),
                 "failed",

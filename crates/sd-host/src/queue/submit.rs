@@ -34,6 +34,24 @@ pub async fn find_model(
     }))
 }
 
+/// A request's `field` must name a ready model of type `kind` (422 for the wrong type, 409 while
+/// it is still downloading).
+fn usable(m: &ModelRecord, field_name: &str, kind: &str, what: &str) -> ApiResult<()> {
+    if m.model_type != kind {
+        return Err(field(
+            field_name,
+            format!("{} is a {}, not {what}", m.name, m.model_type),
+        ));
+    }
+    if m.status != "ready" {
+        return Err(ApiError::Conflict(format!(
+            "model {} is not ready yet ({})",
+            m.name, m.status
+        )));
+    }
+    Ok(())
+}
+
 /// The checkpoint a request without `model` uses.
 pub async fn default_checkpoint(state: &AppState) -> ApiResult<Option<ModelRecord>> {
     if let Some(c) = state.engine.state().checkpoint {
@@ -109,18 +127,7 @@ impl QueueHandle {
                 )
             })?,
         };
-        if model.model_type != "checkpoint" {
-            return Err(field(
-                "model",
-                format!("{} is a {}, not a checkpoint", model.name, model.model_type),
-            ));
-        }
-        if model.status != "ready" {
-            return Err(ApiError::Conflict(format!(
-                "model {} is not ready yet ({})",
-                model.name, model.status
-            )));
-        }
+        usable(&model, "model", "checkpoint", "a checkpoint")?;
 
         // VAE: a library model of type vae, decoding instead of the checkpoint's own.
         let vae = match &req.vae {
@@ -131,18 +138,7 @@ impl QueueHandle {
                     .get_model(sha)
                     .await?
                     .ok_or_else(|| field("vae", format!("no model {sha} in the library")))?;
-                if m.model_type != "vae" {
-                    return Err(field(
-                        "vae",
-                        format!("{} is a {}, not a VAE", m.name, m.model_type),
-                    ));
-                }
-                if m.status != "ready" {
-                    return Err(ApiError::Conflict(format!(
-                        "VAE {} is not ready yet ({})",
-                        m.name, m.status
-                    )));
-                }
+                usable(&m, "vae", "vae", "a VAE")?;
                 Some(request::ResolvedVae {
                     sha256: m.sha256,
                     name: m.filename,
