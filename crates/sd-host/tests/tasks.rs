@@ -1288,7 +1288,7 @@ async fn no_callbacks_owed(s: &TestServer) -> bool {
 async fn callbacks_settled(s: &TestServer, hits: &Arc<Mutex<Vec<Value>>>, n: usize) -> Vec<Value> {
     for _ in 0..300 {
         let got = hits.lock().expect("lock").len();
-        if got >= n && no_callbacks_owed(&s).await {
+        if got >= n && no_callbacks_owed(s).await {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
