@@ -17,7 +17,7 @@ use utoipa_axum::routes;
 use crate::api::extract::{ApiJson, TaskIdPath};
 use crate::db::ModelFilter;
 use crate::error::{ApiError, ApiResult};
-use crate::events::{last_event_id, sse_response, SseEvent};
+use crate::events::{sse_response, SseEvent};
 use crate::queue::request::TaskRequest;
 use crate::queue::QUEUE_TOPIC;
 use crate::state::AppState;
@@ -145,19 +145,11 @@ async fn job_events(
     headers: HeaderMap,
 ) -> ApiResult<impl IntoResponse> {
     let id = id.to_string();
-    let t = state
-        .repo
-        .get_task(&id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+    let (t, task) = crate::api::tasks::task_stream(&state, &id, &headers, "job").await?;
     let total_steps = serde_json::from_value::<crate::queue::request::TaskParams>(t.params.clone())
         .map(|p| crate::queue::effective_steps(&p))
         .unwrap_or(0);
-    let topic = crate::api::tasks::replayable_topic(&state, &t);
-    let task = state
-        .events
-        .subscribe(&topic, last_event_id(&headers))
-        .boxed();
+    let task = task.boxed();
     let queue = state.events.feed(QUEUE_TOPIC).boxed();
     let stream = merge_positions(task, queue, id, total_steps);
     Ok(sse_response(&state.events, stream))

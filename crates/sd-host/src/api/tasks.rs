@@ -314,22 +314,33 @@ async fn task_events(
     TaskIdPath(id): TaskIdPath,
     headers: HeaderMap,
 ) -> ApiResult<impl IntoResponse> {
-    let id = id.to_string();
+    let (_, events) = task_stream(&state, &id.to_string(), &headers, "task").await?;
+    Ok(sse_response(&state.events, events))
+}
+
+/// A task's record and its event stream from `Last-Event-ID` (404 naming it `what`, e.g. "job").
+pub async fn task_stream(
+    state: &AppState,
+    id: &str,
+    headers: &HeaderMap,
+    what: &str,
+) -> ApiResult<(
+    TaskRecord,
+    impl futures::Stream<Item = SseEvent> + Send + 'static,
+)> {
     let t = state
         .repo
-        .get_task(&id)
+        .get_task(id)
         .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no task {id}")))?;
-    let topic = replayable_topic(&state, &t);
-    Ok(sse_response(
-        &state.events,
-        state.events.subscribe(&topic, last_event_id(&headers)),
-    ))
+        .ok_or_else(|| ApiError::NotFound(format!("no {what} {id}")))?;
+    let topic = replayable_topic(state, &t);
+    let events = state.events.subscribe(&topic, last_event_id(headers));
+    Ok((t, events))
 }
 
 /// The event topic of a task, with its terminal event published from the database when the task
 /// finished before this process started (so every stream of a finished task ends with it).
-pub fn replayable_topic(state: &AppState, t: &TaskRecord) -> String {
+fn replayable_topic(state: &AppState, t: &TaskRecord) -> String {
     let topic = task_topic(&t.id);
     if t.status.is_terminal() && !state.events.is_finished(&topic) {
         let id = &t.id;
