@@ -1479,6 +1479,56 @@ async fn cli_add_civitai_list_and_delete() {
     assert_eq!(out.status.code(), Some(1), "deleting twice fails");
 }
 
+/// On a terminal, `sd-host models add-civitai` draws a progress bar (bytes, rate, eta); piped, it
+/// prints only the result. The terminal is a pty from util-linux `script`.
+#[tokio::test]
+async fn cli_add_civitai_draws_a_progress_bar_on_a_terminal() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: no `script` (util-linux) to provide a terminal");
+        return;
+    }
+    let fake = start_fake().await;
+    let v = lora_version(130, 13, 18);
+    fake.add(v.clone());
+    fake.lock().trickle = Some((16 * 1024, Duration::from_millis(20)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let line = format!(
+        "{} models --data-dir {} add-civitai 130",
+        env!("CARGO_BIN_EXE_sd-host"),
+        data.display()
+    );
+    let base = fake.base_url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .env("SDHOST__CIVITAI__BASE_URL", base)
+            .env("SDHOST__NETWORK__ALLOW_PRIVATE_TARGETS", "true")
+            .env_remove("SDHOST_CONFIG")
+            .output()
+            .expect("script runs")
+    })
+    .await
+    .expect("join");
+    let tty = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{tty}");
+    assert!(tty.contains(&v.listed_sha.to_lowercase()), "{tty}");
+    assert!(
+        tty.contains("] ") && tty.contains("eta"),
+        "a progress bar: {tty:?}"
+    );
+    assert!(
+        tty.contains("=>") || tty.contains("=="),
+        "the bar fills: {tty:?}"
+    );
+    let file = data.join("models").join("lora").join(&v.disposition_name);
+    assert_eq!(std::fs::read(&file).expect("installed"), v.bytes);
+}
+
 /// Progress goes out at most ~4 times a second however many chunks arrive: a download trickled
 /// in hundreds of small chunks over a couple of seconds yields only a handful of `progress` events.
 #[tokio::test]
