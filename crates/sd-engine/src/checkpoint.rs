@@ -314,7 +314,8 @@ fn probe_v_prediction(unet: &UNet) -> Result<bool> {
 }
 
 /// Loads a standalone VAE file (A1111's `sd_vae`): the single-file (LDM) names, bare
-/// (`encoder.*`, `decoder.*`, `quant_conv.*`) or under `first_stage_model.`.
+/// (`encoder.*`, `decoder.*`, `quant_conv.*`) or under `first_stage_model.`, or diffusers'
+/// `AutoencoderKL` names (`encoder.down_blocks.*`).
 pub fn load_vae(path: &Path) -> Result<Vae> {
     let file = safetensors_file::open(path)?;
     let header = file.header();
@@ -328,15 +329,16 @@ pub fn load_vae(path: &Path) -> Result<Vae> {
             path.display()
         )));
     };
-    if header
-        .tensors
-        .keys()
-        .any(|k| k.starts_with(&format!("{prefix}encoder.down_blocks.")))
+    if prefix.is_empty()
+        && header
+            .tensors
+            .keys()
+            .any(|k| k.starts_with("encoder.down_blocks."))
     {
-        return Err(EngineError::UnknownModel(format!(
-            "{} is a diffusers-layout VAE; use the single-file (.safetensors with encoder.down.*) version",
-            path.display()
-        )));
+        // diffusers' AutoencoderKL names: read through the single-file names.
+        let view = folder::open_vae_file(path)?;
+        let cfg = VaeConfig::detect(view.header(), VAE_PREFIX)?;
+        return Vae::load(view.var_builder().pp(pp_name(VAE_PREFIX)), &cfg);
     }
     let cfg = VaeConfig::detect(header, prefix)?;
     let vb = file.var_builder();

@@ -138,6 +138,40 @@ fn folder_matches_single_file() {
     }
 }
 
+/// The folder's `vae/diffusion_pytorch_model.safetensors` (diffusers names, written by diffusers)
+/// used as a standalone VAE on the single-file checkpoint it was made from decodes exactly like
+/// the checkpoint's own VAE.
+#[test]
+fn a_diffusers_layout_vae_file_works_as_a_standalone_vae() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (fam, folder) = folders().remove(0);
+    let single = dir.path().join("single.safetensors");
+    write_tiny_checkpoint(fam, false, TINY_SEED, &single).expect("write");
+    let vae_file = folder.join("vae/diffusion_pytorch_model.safetensors");
+    let p = GenerateParams {
+        prompt: "a cat".into(),
+        width: 64,
+        height: 64,
+        steps: 2,
+        scheduler: "Euler".into(),
+        seed: 9,
+        ..Default::default()
+    };
+    let mut e = CpuEngine::new();
+    e.load_checkpoint(&single).expect("load");
+    let own = e.generate(&p, &mut |_| Control::Continue).expect("own");
+    e.set_vae(Some(&vae_file)).expect("diffusers-layout VAE loads");
+    assert_eq!(e.vae(), Some(vae_file.as_path()));
+    let with = e.generate(&p, &mut |_| Control::Continue).expect("with");
+    assert!(with[0].data == own[0].data, "same weights, same decode");
+    // A file with other weights under the same names does change the image.
+    let other = dir.path().join("other_vae.safetensors");
+    sd_engine::tiny::write_tiny_vae(fam, 99, &other).expect("vae");
+    e.set_vae(Some(&other)).expect("ldm vae");
+    let changed = e.generate(&p, &mut |_| Control::Continue).expect("other");
+    assert!(changed[0].data != own[0].data);
+}
+
 #[test]
 fn folder_variants_and_v_prediction() {
     let src = &folders()[0].1;

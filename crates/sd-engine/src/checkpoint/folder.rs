@@ -621,6 +621,48 @@ pub fn open(root: &Path) -> Result<Folder> {
     })
 }
 
+/// A standalone diffusers-layout VAE file (`AutoencoderKL` names) seen through the single-file
+/// names under `first_stage_model.`.
+pub fn open_vae_file(path: &Path) -> Result<Folder> {
+    let mut b = Builder {
+        files: Vec::new(),
+        map: HashMap::new(),
+        shapes: BTreeMap::new(),
+    };
+    let vae = b.component(&[path.to_path_buf()])?;
+    let levels = (0..)
+        .take_while(|n| {
+            vae.names
+                .keys()
+                .any(|k| k.starts_with(&format!("decoder.up_blocks.{n}.")))
+        })
+        .count();
+    let mut unmapped = Vec::new();
+    for name in vae.names.keys() {
+        match vae_name(name, levels) {
+            Some(l) => b.plain(format!("{VAE_PREFIX}{l}"), &vae, name),
+            None => unmapped.push(name.clone()),
+        }
+    }
+    if !unmapped.is_empty() {
+        unmapped.truncate(5);
+        return Err(unknown(format!(
+            "{}: VAE tensors with no single-file equivalent, e.g. {}",
+            path.display(),
+            unmapped.join(", ")
+        )));
+    }
+    let header = shapes_header(&b.shapes);
+    Ok(Folder {
+        files: b.files,
+        map: b.map,
+        header,
+        // Not a checkpoint: only the VAE names are served.
+        family: Family::Sd1,
+        v_prediction: None,
+    })
+}
+
 /// The facts of a diffusers folder without reading any weights (headers and JSON only).
 pub fn folder_info(root: &Path) -> Result<CheckpointInfo> {
     open(root)?.info()
