@@ -160,7 +160,8 @@ fn a_diffusers_layout_vae_file_works_as_a_standalone_vae() {
     let mut e = CpuEngine::new();
     e.load_checkpoint(&single).expect("load");
     let own = e.generate(&p, &mut |_| Control::Continue).expect("own");
-    e.set_vae(Some(&vae_file)).expect("diffusers-layout VAE loads");
+    e.set_vae(Some(&vae_file))
+        .expect("diffusers-layout VAE loads");
     assert_eq!(e.vae(), Some(vae_file.as_path()));
     let with = e.generate(&p, &mut |_| Control::Continue).expect("with");
     assert!(with[0].data == own[0].data, "same weights, same decode");
