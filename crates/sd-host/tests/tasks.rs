@@ -649,6 +649,20 @@ fn spawn_server_process(data: &Path, env: &[(&str, &str)]) -> (std::process::Chi
     (child, base)
 }
 
+/// Submits `body(extra)` to the server process at `base`; returns the task id.
+async fn post_task(client: &reqwest::Client, base: &str, extra: Value) -> String {
+    let r: Value = client
+        .post(format!("{base}/api/v1/tasks"))
+        .json(&body(extra))
+        .send()
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    r["task_id"].as_str().expect("id").to_string()
+}
+
 #[test]
 fn restart_requeues_a_task_interrupted_mid_run() {
     let dir = data_dir_with_models(&[1]);
@@ -658,18 +672,12 @@ fn restart_requeues_a_task_interrupted_mid_run() {
     let rt = tokio::runtime::Runtime::new().expect("rt");
     let client = reqwest::Client::new();
     let id = rt.block_on(async {
-        let r: Value = client
-            .post(format!("{base}/api/v1/tasks"))
-            .json(&body(
-                json!({"num_inference_steps": 150, "width": 128, "height": 128, "num_images": 10}),
-            ))
-            .send()
-            .await
-            .expect("post")
-            .json()
-            .await
-            .expect("json");
-        let id = r["task_id"].as_str().expect("id").to_string();
+        let id = post_task(
+            &client,
+            &base,
+            json!({"num_inference_steps": 150, "width": 128, "height": 128, "num_images": 10}),
+        )
+        .await;
         for _ in 0..600 {
             let t: Value = client
                 .get(format!("{base}/api/v1/tasks/{id}"))
@@ -755,16 +763,7 @@ fn a_callback_cut_short_by_a_crash_is_sent_at_the_next_start() {
         ],
     );
     let id = rt.block_on(async {
-        let r: Value = reqwest::Client::new()
-            .post(format!("{base}/api/v1/tasks"))
-            .json(&body(json!({"callback_url": cb})))
-            .send()
-            .await
-            .expect("post")
-            .json()
-            .await
-            .expect("json");
-        let id = r["task_id"].as_str().expect("id").to_string();
+        let id = post_task(&reqwest::Client::new(), &base, json!({"callback_url": cb})).await;
         // The task finished and its callback failed once: the server is now between retries.
         for _ in 0..1200 {
             if !hits.lock().expect("lock").is_empty() {
